@@ -1,0 +1,616 @@
+"""
+BART, the encoder-decoder behind AthenaTest, in one file (paper §2.1 and Figure 1; §2.5 for the prefix hook).
+
+Reads bottom-up: config and presets -> attention (the `math` reference beside `sdpa` and the Triton kernel)
+-> encoder layer -> decoder layer -> the model (embeddings, encoder, decoder, tied output layer) -> beam
+search -> loading and saving HF directories and fairseq checkpoints. Module and tensor names follow the HF
+`BartForConditionalGeneration` checkpoint, so loading is a key-for-key copy (../shared/specs/bart-checkpoints.md).
+
+    from model import BART
+    model = BART.from_pretrained("path/to/hf_dir_or_fairseq.pt")
+    logits = model(input_ids, attention_mask, decoder_input_ids)            # (B, T_dec, V)
+    seqs, scores = model.generate(input_ids, attention_mask, num_beams=5, num_return_sequences=5)
+
+Tests: `make test` (tests/test_model.py compares logits, loss, greedy and beam search with HF transformers).
+Benchmark: `make bench` (python bench/bench_model.py).
+"""
+import argparse
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class BARTConfig:
+    # field names are HF's `BartConfig` names, so config.json round-trips with transformers
+    vocab_size: int = 50265  # 50265 for bart-large; 50264 after fairseq translation fine-tuning (AthenaTest)
+    d_model: int = 1024
+    encoder_layers: int = 12
+    decoder_layers: int = 12
+    encoder_attention_heads: int = 16
+    decoder_attention_heads: int = 16
+    encoder_ffn_dim: int = 4096
+    decoder_ffn_dim: int = 4096
+    max_position_embeddings: int = 1024  # the learned tables have 2 more rows (positions are offset by 2)
+    scale_embedding: bool = False  # True multiplies token embeddings by sqrt(d_model) (PLBART); False for BART
+    dropout: float = 0.1  # residual dropout
+    attention_dropout: float = 0.0  # on attention probabilities; `math` path only (the kernel has none)
+    activation_dropout: float = 0.0  # after the GELU
+    pad_token_id: int = 1
+    bos_token_id: int = 0
+    eos_token_id: int = 2
+    decoder_start_token_id: int = 2  # fairseq's `</s>`-first convention; HF's shift_tokens_right does the same
+    forced_bos_token_id: int | None = None  # set only for checkpoints fine-tuned with `<s>` in the targets
+    attn_impl: str = "math"  # math (readable reference) | sdpa | triton (kernels/attention.py)
+
+
+PRESETS = {
+    "bart-large": dict(),  # 406,291,456 parameters; AthenaTest's architecture
+    "bart-base": dict(d_model=768, encoder_layers=6, decoder_layers=6, encoder_attention_heads=12,
+                      decoder_attention_heads=12, encoder_ffn_dim=3072, decoder_ffn_dim=3072),  # 139,420,416
+    # CPU preset, sized so `make train STRATEGY=lldb` fits in 30 minutes on 2 cores: head dim 64 as in BART,
+    # vocabulary of the byte-level BPE that data/ trains on the base projects. 7,389,184 parameters.
+    "tiny": dict(vocab_size=8192, d_model=256, encoder_layers=3, decoder_layers=3, encoder_attention_heads=4,
+                 decoder_attention_heads=4, encoder_ffn_dim=1024, decoder_ffn_dim=1024, max_position_embeddings=512),
+}
+
+
+def config_from_preset(name, **overrides):
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; valid presets: {', '.join(PRESETS)}")
+    return BARTConfig(**{**PRESETS[name], **overrides})
+
+
+# -----------------------------------------------------------------------------
+# attention: one function per implementation, all with the kernel's signature
+
+
+def attention_math(q, k, v, key_padding_mask=None, causal=False, prefix_k=None, prefix_v=None,
+                   prefix_index=None, softmax_scale=None, dropout_p=0.0):
+    """The readable reference. q (B, H, Lq, D); k, v (B, H, Lk, D); key_padding_mask (B, Lk) True = real key;
+    causal: query i sees key j iff j <= i + (Lk - Lq) (lower-right, so a KV-cached step with Lq = 1 sees all);
+    prefix_k/v (H, P, D) shared, or a bank (N, H, P, D) with prefix_index (B,) picking each row's prefix.
+    Prefix keys are always visible and have no positions. A row with no visible key returns 0 (no NaN)."""
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    scale = D ** -0.5 if softmax_scale is None else softmax_scale
+    visible = torch.ones(B, 1, Lq, Lk, dtype=torch.bool, device=q.device)
+    if key_padding_mask is not None:
+        visible = visible & key_padding_mask[:, None, None, :]
+    if causal:
+        visible = visible & torch.ones(Lq, Lk, dtype=torch.bool, device=q.device).tril(diagonal=Lk - Lq)
+    if prefix_k is not None:
+        pk, pv = gather_prefix(prefix_k, prefix_v, prefix_index, B)  # (B, H, P, D) each
+        k, v = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)  # (B, H, P + Lk, D)
+        always = torch.ones(B, 1, Lq, pk.shape[2], dtype=torch.bool, device=q.device)
+        visible = torch.cat([always, visible], dim=-1)  # (B, 1, Lq, P + Lk)
+    s = (q @ k.transpose(-2, -1)) * scale  # (B, H, Lq, P + Lk)
+    s = s.masked_fill(~visible, float("-inf"))
+    row_ok = visible.any(dim=-1, keepdim=True)  # rows with nothing visible get 0, not softmax(-inf) = NaN
+    a = torch.softmax(s.masked_fill(~row_ok, 0.0), dim=-1) * row_ok
+    if dropout_p > 0.0:
+        a = F.dropout(a, p=dropout_p)
+    return a @ v  # (B, H, Lq, D)
+
+
+def attention_sdpa(q, k, v, key_padding_mask=None, causal=False, prefix_k=None, prefix_v=None,
+                   prefix_index=None, softmax_scale=None, dropout_p=0.0):
+    """PyTorch's fused attention on the concatenated prefix + keys with a boolean mask (the kernel's baseline)."""
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    if key_padding_mask is None and not causal and prefix_k is None:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=softmax_scale)
+    visible = torch.ones(B, 1, Lq, Lk, dtype=torch.bool, device=q.device)
+    if key_padding_mask is not None:
+        visible = visible & key_padding_mask[:, None, None, :]
+    if causal:
+        visible = visible & torch.ones(Lq, Lk, dtype=torch.bool, device=q.device).tril(diagonal=Lk - Lq)
+    if prefix_k is not None:
+        pk, pv = gather_prefix(prefix_k, prefix_v, prefix_index, B)
+        k, v = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
+        visible = torch.cat([torch.ones(B, 1, Lq, pk.shape[2], dtype=torch.bool, device=q.device), visible], -1)
+    row_ok = visible.any(dim=-1, keepdim=True)  # fully masked rows: unmask them, then zero the output
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible | ~row_ok, dropout_p=dropout_p, scale=softmax_scale)
+    return y * row_ok
+
+
+def attention_triton(q, k, v, dropout_p=0.0, **kw):
+    assert dropout_p == 0.0, "attn_impl='triton' has no attention dropout: set attention_dropout=0"
+    from kernels.attention import attention  # imported lazily: Triton is not needed for math/sdpa
+    return attention(q, k, v, **kw)
+
+
+ATTENTION = {"math": attention_math, "sdpa": attention_sdpa, "triton": attention_triton}
+
+
+def gather_prefix(prefix_k, prefix_v, prefix_index, B):
+    """(H, P, D) shared -> expanded (B, H, P, D) view; (N, H, P, D) bank + prefix_index (B,) -> per-row rows."""
+    if prefix_k.dim() == 3:
+        return prefix_k.expand(B, *prefix_k.shape), prefix_v.expand(B, *prefix_v.shape)
+    assert prefix_index is not None and prefix_index.shape == (B,), "a prefix bank needs prefix_index of shape (B,)"
+    return prefix_k[prefix_index], prefix_v[prefix_index]
+
+
+class Attention(nn.Module):
+    """Multi-head attention with HF's q/k/v/out projection names. The caller hands it keys and values already
+    projected (self-attention: from x, grown by the KV cache; cross-attention: from the encoder, computed once)."""
+
+    def __init__(self, config, n_heads):
+        super().__init__()
+        d = config.d_model
+        assert d % n_heads == 0, f"d_model {d} is not divisible by {n_heads} heads"
+        self.n_heads, self.head_dim = n_heads, d // n_heads
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(d, d) for _ in range(4))
+        self.config = config
+
+    def split_heads(self, x):  # (B, T, C) -> (B, H, T, hd)
+        B, T, C = x.shape
+        return x.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+
+    def project_kv(self, x):  # (B, T, C) -> k, v (B, H, T, hd)
+        return self.split_heads(self.k_proj(x)), self.split_heads(self.v_proj(x))
+
+    def forward(self, x, k, v, key_padding_mask=None, causal=False, prefix=None, prefix_index=None):
+        B, T, C = x.shape
+        q = self.split_heads(self.q_proj(x))  # (B, H, T, hd)
+        pk, pv = prefix if prefix is not None else (None, None)
+        p = self.config.attention_dropout if self.training else 0.0
+        y = ATTENTION[self.config.attn_impl](q, k, v, key_padding_mask=key_padding_mask, causal=causal,
+                                             prefix_k=pk, prefix_v=pv, prefix_index=prefix_index, dropout_p=p)
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, C))  # (B, H, T, hd) -> (B, T, C)
+
+
+# -----------------------------------------------------------------------------
+# layers: post-LN (residual add, then LayerNorm), exact erf GELU, as fairseq's bart_large
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        d = config.d_model
+        self.self_attn = Attention(config, config.encoder_attention_heads)
+        self.self_attn_layer_norm = nn.LayerNorm(d)
+        self.fc1, self.fc2 = nn.Linear(d, config.encoder_ffn_dim), nn.Linear(config.encoder_ffn_dim, d)
+        self.final_layer_norm = nn.LayerNorm(d)
+        self.config = config
+
+    def forward(self, x, mask, prefix=None, prefix_index=None):
+        drop = lambda t, p: F.dropout(t, p=p, training=self.training)
+        k, v = self.self_attn.project_kv(x)
+        h = self.self_attn(x, k, v, key_padding_mask=mask, prefix=prefix, prefix_index=prefix_index)
+        x = self.self_attn_layer_norm(x + drop(h, self.config.dropout))
+        h = self.fc2(drop(F.gelu(self.fc1(x)), self.config.activation_dropout))
+        return self.final_layer_norm(x + drop(h, self.config.dropout))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        d = config.d_model
+        self.self_attn = Attention(config, config.decoder_attention_heads)
+        self.self_attn_layer_norm = nn.LayerNorm(d)
+        self.encoder_attn = Attention(config, config.decoder_attention_heads)  # cross-attention
+        self.encoder_attn_layer_norm = nn.LayerNorm(d)
+        self.fc1, self.fc2 = nn.Linear(d, config.decoder_ffn_dim), nn.Linear(config.decoder_ffn_dim, d)
+        self.final_layer_norm = nn.LayerNorm(d)
+        self.config = config
+
+    def forward(self, x, enc, enc_mask, dec_mask=None, prefix=(None, None), prefix_index=None, cache=None, beams=1):
+        """x (B*beams, T, C) decoder states; enc (B, S, C) encoder output, shared by the `beams` consecutive rows
+        of x that belong to one input (beam search); prefix = (self-attention, cross) K/V pairs; cache: a dict this
+        layer fills ("k", "v" grow by T each call; "ck", "cv" are computed once)."""
+        BK, T, C = x.shape
+        drop = lambda t, p: F.dropout(t, p=p, training=self.training)
+        # causal self-attention; with a cache the new keys are appended to the past ones
+        k, v = self.self_attn.project_kv(x)  # (B, H, T, hd)
+        if cache is not None:
+            if "k" in cache:
+                k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
+            cache["k"], cache["v"] = k, v
+        h = self.self_attn(x, k, v, key_padding_mask=dec_mask, causal=True, prefix=prefix[0],
+                           prefix_index=prefix_index)
+        x = self.self_attn_layer_norm(x + drop(h, self.config.dropout))
+        # cross-attention: queries from the decoder, keys and values from the encoder output
+        if cache is not None and "ck" in cache:
+            ck, cv = cache["ck"], cache["cv"]
+        else:
+            ck, cv = self.encoder_attn.project_kv(enc)  # (B, H, S, hd)
+            if cache is not None:
+                cache["ck"], cache["cv"] = ck, cv
+        # cross-attention is not causal, so the beams of one input can query its encoder K/V together, as
+        # beams * T queries of one row: the encoder side is stored and read once per input, not once per beam
+        cross_index = prefix_index[::beams] if prefix_index is not None else None
+        h = self.encoder_attn(x.reshape(BK // beams, beams * T, C), ck, cv, key_padding_mask=enc_mask,
+                              prefix=prefix[1], prefix_index=cross_index).reshape(BK, T, C)
+        x = self.encoder_attn_layer_norm(x + drop(h, self.config.dropout))
+        h = self.fc2(drop(F.gelu(self.fc1(x)), self.config.activation_dropout))
+        return self.final_layer_norm(x + drop(h, self.config.dropout))
+
+
+# -----------------------------------------------------------------------------
+# the model
+
+
+def positions(mask, T, past, device):
+    """Learned-position rows. Padding-aware (fairseq's make_positions): the i-th real token gets position i
+    whatever the padding side, so right- and left-padded inputs agree; pads get position 0 (never attended)."""
+    if mask is None:
+        return torch.arange(past, past + T, device=device)[None, :]  # (1, T)
+    return (mask.long().cumsum(dim=1) - 1).clamp(min=0) + past  # (B, T)
+
+
+class Embeddings(nn.Module):
+    """Token embedding (shared) + learned positions (offset by 2: rows 0-1 are fairseq's unused padding rows),
+    then `layernorm_embedding`, as in both the encoder and the decoder of BART."""
+
+    def __init__(self, config, shared):
+        super().__init__()
+        self.embed_tokens = shared  # tied: the same module as model.shared
+        self.embed_positions = nn.Embedding(config.max_position_embeddings + 2, config.d_model)
+        self.layernorm_embedding = nn.LayerNorm(config.d_model)
+        self.scale = math.sqrt(config.d_model) if config.scale_embedding else 1.0
+        self.config = config
+
+    def embed(self, ids, mask, past=0):
+        B, T = ids.shape
+        pos = positions(mask, T, past, ids.device)
+        if int(pos.max()) + 2 >= self.embed_positions.num_embeddings:
+            raise ValueError(f"sequence of {int(pos.max()) + 1} tokens exceeds max_position_embeddings "
+                             f"{self.config.max_position_embeddings}: truncate the input")
+        x = self.embed_tokens(ids) * self.scale + self.embed_positions(pos + 2)  # (B, T, C)
+        return F.dropout(self.layernorm_embedding(x), p=self.config.dropout, training=self.training)
+
+
+class Encoder(Embeddings):
+    def __init__(self, config, shared):
+        super().__init__(config, shared)
+        self.layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.encoder_layers))
+
+    def forward(self, ids, mask, prefix=None, prefix_index=None):
+        x = self.embed(ids, mask)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, mask, prefix=layer_prefix(prefix, i), prefix_index=prefix_index)
+        return x  # (B, S, C); BART has no final encoder LayerNorm (post-LN)
+
+
+class Decoder(Embeddings):
+    def __init__(self, config, shared):
+        super().__init__(config, shared)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.decoder_layers))
+
+    def forward(self, ids, enc, enc_mask, dec_mask=None, self_prefix=None, cross_prefix=None,
+                prefix_index=None, cache=None, beams=1):
+        past = cache[0]["k"].shape[2] if cache and "k" in cache[0] else 0
+        x = self.embed(ids, dec_mask, past=past)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, enc, enc_mask, dec_mask, prefix=(layer_prefix(self_prefix, i), layer_prefix(cross_prefix, i)),
+                      prefix_index=prefix_index, cache=cache[i] if cache is not None else None, beams=beams)
+        return x  # (B, T, C)
+
+
+def layer_prefix(site, i):
+    """One site kind's prefix, (L, 2, H, P, hd) shared or (N, L, 2, H, P, hd) bank -> layer i's (K, V)."""
+    if site is None:
+        return None
+    return (site[i, 0], site[i, 1]) if site.dim() == 5 else (site[:, i, 0], site[:, i, 1])
+
+
+class BARTModel(nn.Module):
+    """Holds what HF calls `model.`: the shared embedding, the encoder and the decoder."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.shared = nn.Embedding(config.vocab_size, config.d_model, padding_idx=config.pad_token_id)
+        self.encoder = Encoder(config, self.shared)
+        self.decoder = Decoder(config, self.shared)
+
+
+class BART(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.model = BARTModel(config)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.lm_head.weight = self.model.shared.weight  # tied output layer
+        self.register_buffer("final_logits_bias", torch.zeros(1, config.vocab_size))  # a buffer, as in HF
+        self.prefix = None  # strategies.prefix() sets a module whose call returns {site: (L, 2, H, P, hd)}
+        self.apply(self._init_weights)
+
+    def _init_weights(self, m):  # BART's init: N(0, 0.02), zero biases (only matters when training from scratch)
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    def num_parameters(self):  # tied weights counted once (parameters() de-duplicates)
+        return sum(p.numel() for p in self.parameters())
+
+    def resolve_prefix(self, prefix):
+        """prefix=None -> the registered model.prefix (if any); a dict {site: tensor} is shared by the batch;
+        (bank dict, prefix_index) mixes projects row by row. Sites: "encoder", "decoder", "cross"."""
+        if prefix is None and self.prefix is not None:
+            prefix = self.prefix()
+        if prefix is None:
+            return {}, None
+        return prefix if isinstance(prefix, tuple) else (prefix, None)
+
+    def encode(self, input_ids, attention_mask, prefix=None):
+        sites, index = self.resolve_prefix(prefix)
+        return self.model.encoder(input_ids, attention_mask.bool(), sites.get("encoder"), index)
+
+    def decode(self, decoder_input_ids, enc, attention_mask, prefix=None, cache=None, decoder_attention_mask=None,
+               beams=1):
+        """Decoder + output layer. With beams > 1, decoder_input_ids has B*beams rows (beam-major within each
+        input) while enc and attention_mask keep B rows; a prefix_index then has B*beams entries."""
+        sites, index = self.resolve_prefix(prefix)
+        dec_mask = decoder_attention_mask.bool() if decoder_attention_mask is not None else None
+        x = self.model.decoder(decoder_input_ids, enc, attention_mask.bool(), dec_mask, sites.get("decoder"),
+                               sites.get("cross"), index, cache, beams)
+        return self.lm_head(x) + self.final_logits_bias  # (B, T, V)
+
+    def forward(self, input_ids, attention_mask, decoder_input_ids, prefix=None, decoder_attention_mask=None):
+        """input_ids (B, S), attention_mask (B, S) with 1 for real tokens, decoder_input_ids (B, T) starting with
+        the decoder start token (labels shifted right) -> logits (B, T, V)."""
+        prefix = self.resolve_prefix(prefix)  # resolve once: the prefix module's MLP (if any) runs once
+        enc = self.encode(input_ids, attention_mask, prefix)
+        return self.decode(decoder_input_ids, enc, attention_mask, prefix, None, decoder_attention_mask)
+
+    # -------------------------------------------------------------------------
+    # generation: beam search with HF's semantics (transformers 5.x `_beam_search`), KV-cached
+
+    @torch.inference_mode()
+    def generate(self, input_ids, attention_mask, num_beams=1, num_return_sequences=1, max_new_tokens=128,
+                 length_penalty=1.0, early_stopping=True, prefix=None):
+        """Returns (sequences (B*k, T) in HF order: batch-major, best first, starting with the decoder start
+        token, padded with <pad>; scores (B*k,): sum of log-probs / generated_length ** length_penalty).
+        num_beams=1 is greedy search. No forced EOS, no n-gram blocking; forced BOS only if the config has it."""
+        cfg = self.config
+        assert 1 <= num_return_sequences <= num_beams, "need 1 <= num_return_sequences <= num_beams"
+        B, K, dev = input_ids.shape[0], num_beams, input_ids.device
+        sites, index = self.resolve_prefix(prefix)
+        prefix = (sites, index.repeat_interleave(K)) if index is not None else sites  # beams share their row's prefix
+        enc = self.encode(input_ids, attention_mask, prefix=(sites, index))  # (B, S, C): shared by the K beams
+        cache = [dict() for _ in range(cfg.decoder_layers)]
+        max_len = 1 + max_new_tokens
+        run_seq = torch.full((B, K, max_len), cfg.pad_token_id, dtype=torch.long, device=dev)
+        run_seq[:, :, 0] = cfg.decoder_start_token_id
+        run_score = torch.zeros(B, K, device=dev)
+        run_score[:, 1:] = -1e9  # all beams start identical: only the first may expand at step 1
+        fin_seq, fin_score = run_seq.clone(), torch.full((B, K), -1e9, device=dev)
+        fin_len = torch.zeros(B, K, dtype=torch.long, device=dev)
+        fin_done = torch.zeros(B, K, dtype=torch.bool, device=dev)
+        improvable = torch.ones(B, 1, dtype=torch.bool, device=dev)
+        top_k = torch.arange(2 * K, device=dev) < K  # only EOS among the best K candidates may finish a beam
+        for cur in range(1, max_len):
+            step_ids = run_seq[:, :, cur - 1].reshape(B * K, 1)  # the last token of every running beam
+            logits = self.decode(step_ids, enc, attention_mask, prefix, cache, beams=K)[:, -1].float()  # (B*K, V)
+            logp = F.log_softmax(logits, dim=-1)  # (B*K, V)
+            if cfg.forced_bos_token_id is not None and cur == 1:
+                logp = torch.full_like(logp, float("-inf")).index_fill_(1, torch.tensor([cfg.forced_bos_token_id], device=dev), 0.0)
+            V = logp.shape[-1]
+            cand = (logp.view(B, K, V) + run_score[:, :, None]).view(B, K * V)
+            cand_score, cand_idx = torch.topk(cand, 2 * K)  # (B, 2K): keep 2K so K can continue after EOS
+            parent, token = cand_idx // V, cand_idx % V
+            cand_seq = torch.gather(run_seq, 1, parent[:, :, None].expand(-1, -1, max_len)).clone()
+            cand_seq[:, :, cur] = token
+            ends = (token == cfg.eos_token_id) | (cur == max_len - 1)  # EOS or out of room
+            # the K best candidates that do not end keep running
+            keep = torch.topk(cand_score - 1e9 * ends.float(), K)[1]
+            run_seq, run_score = torch.gather(cand_seq, 1, keep[:, :, None].expand(-1, -1, max_len)), torch.gather(cand_score - 1e9 * ends.float(), 1, keep)
+            beam_idx = (torch.gather(parent, 1, keep) + torch.arange(B, device=dev)[:, None] * K).view(-1)
+            for c in cache:  # the self-attention cache follows each beam's parent; the cross-attention
+                c["k"], c["v"] = c["k"].index_select(0, beam_idx), c["v"].index_select(0, beam_idx)
+                # cache ("ck", "cv") needs no reordering: all K beams of a row hold the same encoder K/V
+            # candidates that end join the finished set if they beat its worst member (length-normalized)
+            new_score = cand_score / (cur ** length_penalty)
+            full = fin_done.all(dim=1, keepdim=True) & (early_stopping is True)
+            new_score = new_score - 1e9 * (full | ~improvable | ~(ends & top_k)).float()
+            m_seq, m_score = torch.cat([fin_seq, cand_seq], 1), torch.cat([fin_score, new_score], 1)
+            m_done = torch.cat([fin_done, ends & top_k], 1)
+            best = torch.topk(m_score, K)[1]
+            fin_seq = torch.gather(m_seq, 1, best[:, :, None].expand(-1, -1, max_len))
+            fin_score, fin_done = torch.gather(m_score, 1, best), torch.gather(m_done, 1, best)
+            fin_len = torch.gather(torch.cat([fin_len, torch.full_like(cand_score, cur, dtype=torch.long)], 1), 1, best)
+            # HF's stopping heuristic: can the best running beam still beat the worst finished one?
+            best_running = run_score[:, :1] / (cur ** length_penalty) if early_stopping != "never" else run_score[:, :1] / ((max_len - 1) ** length_penalty)
+            worst = torch.where(fin_done, fin_score.min(dim=1, keepdim=True)[0], torch.tensor(-1e9, device=dev))
+            improvable = improvable & (best_running > worst).any(dim=-1, keepdim=True)
+            if not improvable.any() or (fin_done.all() and early_stopping is True) or ends.all():
+                break
+        n = num_return_sequences
+        seqs, scores = fin_seq[:, :n].reshape(B * n, max_len), fin_score[:, :n].reshape(B * n)
+        return seqs[:, : 1 + int(fin_len[:, :n].max())], scores
+
+    # -------------------------------------------------------------------------
+    # loading and saving
+
+    @classmethod
+    def from_pretrained(cls, path, attn_impl="math", expect_vocab_size=None, trusted=False):
+        """An HF directory (config.json + model.safetensors | pytorch_model.bin) or a fairseq checkpoint (.pt with
+        `args` or `cfg` and `model`). `expect_vocab_size`: the tokenizer's size, checked against the tensors.
+        Pickles are loaded with weights_only=True, allowing only argparse.Namespace (unless `trusted`)."""
+        path = str(path)
+        if os.path.isdir(path):
+            config, sd = _read_hf_dir(path)
+        elif os.path.isfile(path):
+            config, sd = _read_fairseq(path, trusted)
+        else:
+            raise FileNotFoundError(f"{path}: no such checkpoint file or directory")
+        config.attn_impl = attn_impl
+        if expect_vocab_size is not None and config.vocab_size != expect_vocab_size:
+            raise ValueError(f"{path}: the checkpoint's vocabulary has {config.vocab_size} entries but the "
+                             f"tokenizer has {expect_vocab_size}; use the tokenizer that was trained with it")
+        with torch.device("meta"):
+            model = cls(config)
+        expected = {k: v for k, v in model.state_dict().items()}
+        tied = {"lm_head.weight", "model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight"}
+        for k in expected:
+            if k not in sd and k not in tied:
+                raise KeyError(f"{path}: missing tensor {k!r}")
+            if k in sd and tuple(sd[k].shape) != tuple(expected[k].shape):
+                raise ValueError(f"{path}: tensor {k!r} has shape {tuple(sd[k].shape)}, expected "
+                                 f"{tuple(expected[k].shape)} for the config read from the file")
+        extra = sorted(set(sd) - set(expected))
+        if extra:
+            raise ValueError(f"{path}: unexpected tensors {extra[:5]}{' ...' if len(extra) > 5 else ''}")
+        model.load_state_dict({k: sd[k] for k in expected if k not in tied}, strict=False, assign=True)
+        model.lm_head.weight = model.model.shared.weight  # re-tie after assign
+        model.model.encoder.embed_tokens = model.model.decoder.embed_tokens = model.model.shared
+        return model.float().eval()
+
+    def save_pretrained(self, out_dir):
+        """config.json + model.safetensors in HF's layout (tied copies dropped), loadable by transformers.
+        Written into a temporary folder that is renamed into place: never half-written."""
+        from safetensors.torch import save_file
+        parent = os.path.dirname(os.path.abspath(out_dir)) or "."
+        tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+        skip = {"lm_head.weight", "model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight"}
+        sd = {k: v.detach().contiguous() for k, v in self.state_dict().items() if k not in skip and not k.startswith("prefix.")}
+        save_file(sd, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        hf = {**asdict(self.config), "model_type": "bart", "architectures": ["BartForConditionalGeneration"],
+              "activation_function": "gelu", "is_encoder_decoder": True, "tie_word_embeddings": True,
+              "forced_eos_token_id": None, "no_repeat_ngram_size": 0}
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(hf, f, indent=2)
+        if os.path.isdir(out_dir):  # replace an existing folder atomically enough: old -> trash, new -> place
+            trash = tempfile.mkdtemp(prefix=".old-", dir=parent)
+            os.replace(out_dir, os.path.join(trash, "x"))
+            os.replace(tmp, out_dir)
+            import shutil
+            shutil.rmtree(trash)
+        else:
+            os.replace(tmp, out_dir)
+
+
+def _config_from_tensors(sd, path, **known):
+    """Read V, d, layer counts and position rows from the tensors; `known` (from the file's config) must agree."""
+    def count(prefix):
+        return len({k.split(".")[3] for k in sd if k.startswith(prefix)})
+    if "model.shared.weight" not in sd:
+        raise KeyError(f"{path}: missing tensor 'model.shared.weight' (the token embedding)")
+    V, d = sd["model.shared.weight"].shape
+    pos = sd.get("model.encoder.embed_positions.weight")
+    shapes = dict(vocab_size=V, d_model=d, encoder_layers=count("model.encoder.layers."),
+                  decoder_layers=count("model.decoder.layers."))
+    if pos is not None:
+        shapes["max_position_embeddings"] = pos.shape[0] - 2
+    for k, v in shapes.items():
+        if k in known and known[k] is not None and known[k] != v and k != "vocab_size":
+            raise ValueError(f"{path}: config says {k}={known[k]} but the tensors give {v}")
+    allowed = {f.name for f in fields(BARTConfig)}
+    return BARTConfig(**{k: v for k, v in {**known, **shapes}.items() if k in allowed and v is not None})
+
+
+def _read_hf_dir(path):
+    cfg_file = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_file):
+        raise ValueError(f"{path}: not a checkpoint: an HF directory needs config.json (and model.safetensors "
+                         f"or pytorch_model.bin); a fairseq checkpoint is a .pt file")
+    try:
+        with open(cfg_file) as f:
+            hf = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{cfg_file}: not valid JSON ({e})") from None
+    st, binf = os.path.join(path, "model.safetensors"), os.path.join(path, "pytorch_model.bin")
+    if os.path.isfile(st):
+        from safetensors.torch import load_file
+        try:
+            raw = load_file(st)
+        except Exception as e:  # safetensors raises its own error types for empty or truncated files
+            raise ValueError(f"{st}: cannot read safetensors file ({e}); is it truncated?") from None
+    elif os.path.isfile(binf):
+        raw = _safe_torch_load(binf, trusted=False)
+    else:
+        raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin next to config.json")
+    sd = {}
+    for k, v in raw.items():
+        if k.endswith(".version") or k.endswith("_float_tensor"):  # fairseq leftovers in old hub files
+            continue
+        k = k[len("model."):] if k.startswith("model.") else k
+        sd[k if k in ("lm_head.weight", "final_logits_bias") else "model." + k] = v
+    if "model.shared.weight" not in sd and "model.encoder.embed_tokens.weight" in sd:
+        sd["model.shared.weight"] = sd["model.encoder.embed_tokens.weight"]  # some files keep only the tied copy
+    _check_tied(sd, path)
+    sd.setdefault("final_logits_bias", torch.zeros(1, sd["model.shared.weight"].shape[0]) if "model.shared.weight" in sd else None)
+    known = {f.name: hf[f.name] for f in fields(BARTConfig) if f.name in hf and f.name != "attn_impl"}
+    if hf.get("activation_function", "gelu") != "gelu":
+        raise ValueError(f"{cfg_file}: activation_function {hf['activation_function']!r} is not supported (BART uses gelu)")
+    return _config_from_tensors(sd, path, **known), sd
+
+
+def _check_tied(sd, path):
+    """Tied copies (lm_head, both embed_tokens) may be present or absent; when present they must equal shared."""
+    for k in ("lm_head.weight", "model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight"):
+        if k in sd:
+            t = sd.pop(k)
+            if "model.shared.weight" in sd and not torch.equal(t, sd["model.shared.weight"]):
+                raise ValueError(f"{path}: {k!r} differs from the shared embedding; untied embeddings are not supported")
+
+
+def _safe_torch_load(path, trusted):
+    """torch.load with weights_only=True and argparse.Namespace allow-listed: no arbitrary code is unpickled."""
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"{path}: empty file")
+    if trusted:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            raise ValueError(f"{path}: refusing to unpickle a non-data object ({str(e).splitlines()[0][:200]}); "
+                             f"pass trusted=True only for a file you trust") from None
+        raise ValueError(f"{path}: cannot read checkpoint ({type(e).__name__}: {str(e)[:200]}); is it truncated?") from None
+
+
+FAIRSEQ_LN = {"encoder": ["self_attn_layer_norm", "final_layer_norm"],
+              "decoder": ["self_attn_layer_norm", "encoder_attn_layer_norm", "final_layer_norm"]}
+
+
+def _read_fairseq(path, trusted):
+    ckpt = _safe_torch_load(path, trusted)
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise ValueError(f"{path}: unknown checkpoint format: expected a fairseq checkpoint (a dict with 'model' "
+                         f"and 'args' or 'cfg') or an HF directory")
+    args = ckpt.get("args")
+    if args is None and isinstance(ckpt.get("cfg"), dict):
+        args = ckpt["cfg"].get("model")  # new checkpoints: cfg['model'] is a dict (or a Namespace for legacy archs)
+    a = vars(args) if isinstance(args, argparse.Namespace) else dict(args or {})
+    sd = {}
+    for k, v in ckpt["model"].items():
+        if k.endswith(".version") or k.endswith("_float_tensor") or k.startswith("classification_heads."):
+            continue
+        if k == "decoder.output_projection.weight":
+            sd["lm_head.weight"] = v  # tied (fairseq >= 0.10 stores it); checked against shared below
+            continue
+        if ".in_proj_" in k:  # legacy fused q, k, v projection: split into thirds in that order
+            stem, kind = k.split(".in_proj_")
+            for name, part in zip(("q_proj", "k_proj", "v_proj"), v.chunk(3, dim=0)):
+                sd[f"model.{stem}.{name}.{kind}"] = part
+            continue
+        if ".layer_norms." in k:  # legacy layer-norm list -> named layer norms
+            stem, rest = k.split(".layer_norms.")
+            idx, kind = rest.split(".")
+            k = f"{stem}.{FAIRSEQ_LN[stem.split('.')[0]][int(idx)]}.{kind}"
+        sd["model." + k.replace("encoder.embed_tokens", "shared") if k.startswith("encoder.embed_tokens") else "model." + k] = v
+    _check_tied(sd, path)
+    sd["final_logits_bias"] = torch.zeros(1, sd["model.shared.weight"].shape[0]) if "model.shared.weight" in sd else None
+    known = dict(d_model=a.get("encoder_embed_dim"), encoder_layers=a.get("encoder_layers"),
+                 decoder_layers=a.get("decoder_layers"), encoder_attention_heads=a.get("encoder_attention_heads"),
+                 decoder_attention_heads=a.get("decoder_attention_heads"),
+                 encoder_ffn_dim=a.get("encoder_ffn_embed_dim"), decoder_ffn_dim=a.get("decoder_ffn_embed_dim"),
+                 scale_embedding=not a.get("no_scale_embedding", True),
+                 dropout=a.get("dropout"), attention_dropout=a.get("attention_dropout"),
+                 activation_dropout=a.get("activation_dropout"))
+    if a.get("encoder_normalize_before") or a.get("decoder_normalize_before"):
+        raise ValueError(f"{path}: a pre-LN (normalize_before) model is not BART; not supported")
+    return _config_from_tensors(sd, path, **known), sd
