@@ -1,0 +1,113 @@
+"""data/: real Java projects -> methods2test-style focal-method/test-case pairs -> corpus, tokenizer, folds (§3.1).
+
+    make data                          # fetch + mine every project of data/projects.tsv (python -m data.fetch)
+    make data PROJECT=/path/to/repo    # mine your own checkout -> data/cache/corpus/<folder name>.jsonl
+
+Files: projects.tsv (the pinned Debian source packages), fetch.py (apt/git/local fetch + mining driver),
+java.py (tree-sitter parsing, methods2test's TestParser), mine.py (the mapping rules and records; CLI
+`python -m data.mine DIR --project NAME --out FILE.jsonl`), methods2test.py (reader of the published dataset and
+corpus JSON), tokenizer.py (byte-level BPE), and this file (loading and folds). Generated files live in the
+git-ignored data/cache/: src/<name>/ (unpacked), corpus/<name>.jsonl (records), tokenizer.json.
+
+Public API for train.py / evaluate.py:
+    load_project(name_or_path) -> list[dict]      # records of one project (a name, a .jsonl, or a checkout path)
+    load_projects(names) -> list[dict]            # several, concatenated in the given order
+    folds(records, fold, k=4, seed=0, val_fraction=0.1) -> (train, val, test)
+    read_projects() -> list[dict]                 # rows of projects.tsv (name, debian_source, version, ..., role)
+    DEFAULT_TARGET, DEFAULT_BASE, TARGETS         # the `make train` defaults and the target list
+    data.tokenizer.load_tokenizer(path), data.tokenizer.encode_pairs(tok, records, max_src, max_tgt)
+    data.methods2test.read_methods2test(path)     # records from the published dataset/corpus JSON
+A record (DESIGN.md): id, project, src (= src_fm_fc_ms_ff), tgt, src_fm ... src_fm_fc_ms_ff, and methods2test's
+focal_class, focal_method, test_class, test_case, repository.
+"""
+import hashlib
+import json
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+CACHE = HERE / "cache"  # git-ignored: unpacked sources, mined corpora, tokenizer
+PROJECTS_TSV = HERE / "projects.tsv"
+
+
+def read_projects(path=PROJECTS_TSV):
+    """The pinned list as dicts (name, debian_source, version, git_url, git_tag, role), in file order."""
+    lines = [l for l in Path(path).read_text().splitlines() if l.strip() and not l.startswith("#")]
+    header, rows = lines[0].split("\t"), [l.split("\t") for l in lines[1:]]
+    return [dict(zip(header, r + [""] * (len(header) - len(r)))) for r in rows]
+
+
+# `make train` defaults (the Makefile repeats them as TARGET / BASE). The target: Apache Commons IO, 524 pairs in
+# 78 mapped test classes, the spec's worked example. The base subset: 4,948 pairs from five base projects of
+# different domains (RPC, logging, assertions, charts, a web server), with median sources of 200-350 tokens,
+# small enough for a CPU run of the whole pipeline. All 33 base projects (20,933 pairs) are one variable away
+# (`python -m data.tokenizer --all-base`, BASE=... in the Makefile).
+DEFAULT_TARGET = "commons-io"
+DEFAULT_BASE = ["grpc-java", "log4j2", "truth", "jfreechart", "tomcat9"]
+TARGETS = [r["name"] for r in read_projects() if r["role"] == "target"]
+
+
+def load_project(name_or_path):
+    """Records of one project: a project name (its mined JSONL in data/cache/corpus/), a .jsonl file, or the
+    path of a checkout mined with `make data PROJECT=path` (found by the folder's name)."""
+    p = Path(name_or_path)
+    if p.suffix == ".jsonl":
+        path = p
+    else:
+        name = p.resolve().name if p.is_dir() else str(name_or_path)
+        if not p.is_dir() and name not in [r["name"] for r in read_projects()]:
+            raise KeyError(f"unknown project {name!r}: not in data/projects.tsv and not a folder or .jsonl file")
+        path = CACHE / "corpus" / f"{name}.jsonl"
+    if not path.exists():
+        hint = f"make data PROJECT={name_or_path}" if p.is_dir() else f"python -m data.fetch {name_or_path}"
+        raise FileNotFoundError(f"project {name_or_path!r} has no mined corpus at {path}; run `{hint}` first")
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def load_projects(names):
+    return [r for n in names for r in load_project(n)]
+
+
+def _h(seed, key):
+    """A hash that is the same on every run and machine (Python's hash() of a str is salted per process)."""
+    return hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()
+
+
+def folds(records, fold, k=4, seed=0, val_fraction=0.1):
+    """(train, val, test) for fold `fold` of k, with whole test classes kept together.
+
+    Test classes are taken in a seeded hash order and each goes to the fold holding the fewest records so far,
+    so folds are balanced to within one class. `val` is carved from the k-1 training folds, again whole
+    classes, about val_fraction of them, for early stopping. Each split keeps the order of `records`."""
+    if not 0 <= fold < k:
+        raise ValueError(f"fold must be in 0..{k - 1}, got {fold}")
+    group = lambda r: f"{r['project']}:{r['test_class']['file']}:{r['test_class']['identifier']}"
+    sizes = {}
+    for r in records:
+        g = group(r)
+        sizes[g] = sizes.get(g, 0) + 1
+    if len(sizes) < k + 1:
+        raise ValueError(f"too few records for {k} folds plus validation: {len(records)} records in {len(sizes)} "
+                         f"test classes; need at least {k + 1} test classes")
+    order = sorted(sizes, key=lambda g: _h(seed, g))
+    load, fold_of = [0] * k, {}
+    for g in order:
+        f = min(range(k), key=lambda i: (load[i], i))
+        fold_of[g] = f
+        load[f] += sizes[g]
+    train_groups = [g for g in order if fold_of[g] != fold]
+    if len(train_groups) < 2:
+        raise ValueError(f"too few test classes ({len(sizes)}) to leave both training and validation classes")
+    budget = max(1, round(val_fraction * sum(sizes[g] for g in train_groups)))
+    val_groups, n = set(), 0
+    for g in sorted(train_groups, key=lambda g: _h(f"val{seed}", g)):
+        if n + sizes[g] <= budget:  # skip classes that would overshoot: val stays close to its share
+            val_groups.add(g)
+            n += sizes[g]
+    if not val_groups:  # every class is bigger than the budget: take the smallest one
+        val_groups.add(min(train_groups, key=lambda g: (sizes[g], _h(seed, g))))
+    split = lambda r: "test" if fold_of[group(r)] == fold else "val" if group(r) in val_groups else "train"
+    out = {"train": [], "val": [], "test": []}
+    for r in records:
+        out[split(r)].append(r)
+    return out["train"], out["val"], out["test"]

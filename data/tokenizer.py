@@ -1,0 +1,113 @@
+"""Byte-level BPE tokenizer: trained on the base projects, or AthenaTest/BART's own vocabulary (§3.1, §2.1).
+
+    python -m data.tokenizer --out data/cache/tokenizer.json [--vocab-size 8192] [--projects commons-lang3 ...]
+
+AthenaTest used BART's byte-level BPE (RoBERTa's GPT-2 vocabulary, 50,265 entries). For a small model trained
+from scratch we train the same kind of tokenizer, smaller, on the BASE projects' text only (never a target's:
+the target's vocabulary must not leak into the base model). The four special ids match BART's, because the
+model relies on them: <s>=0 (bos), <pad>=1, </s>=2 (eos and decoder start), <unk>=3.
+
+API (what train.py / evaluate.py call):
+    tok = load_tokenizer(path)     # our tokenizer.json, or a folder with vocab.json + merges.txt (BART/RoBERTa)
+    src, tgt, n_trunc = encode_pairs(tok, records, max_src=512, max_tgt=512)   # lists of id lists
+    text = tok.decode(ids)         # special tokens dropped
+Every sequence is wrapped as <s> ... </s>; a longer one is cut to the maximum and still ends in </s>.
+`n_trunc` counts the pairs where either side was cut.
+"""
+import argparse
+import time
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+SPECIALS = ["<s>", "<pad>", "</s>", "<unk>"]  # ids 0, 1, 2, 3, as in BART's vocab.json
+BOS, PAD, EOS, UNK = 0, 1, 2, 3
+
+
+def _pipeline(tok):
+    """The byte-level pieces shared by the trained and the loaded tokenizer (GPT-2/RoBERTa style)."""
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.RobertaProcessing(("</s>", EOS), ("<s>", BOS))  # <s> A </s>
+    for name, i in zip(SPECIALS, range(4)):
+        assert tok.token_to_id(name) == i, f"special token {name} must have id {i}, has {tok.token_to_id(name)}"
+    return tok
+
+
+def train_tokenizer(texts, vocab_size=8192, min_frequency=2):
+    """Train a byte-level BPE on an iterable of strings. 256 byte symbols + 4 specials are always in."""
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    return _pipeline(tok)
+
+
+def load_tokenizer(path):
+    """tokenizer.json (ours), or a folder holding vocab.json + merges.txt (AthenaTest / BART / RoBERTa)."""
+    p = Path(path)
+    if p.is_dir() and (p / "vocab.json").exists() and (p / "merges.txt").exists():
+        return _pipeline(Tokenizer(models.BPE.from_file(str(p / "vocab.json"), str(p / "merges.txt"), unk_token="<unk>")))
+    if p.is_dir() and (p / "tokenizer.json").exists():
+        p = p / "tokenizer.json"
+    if not p.is_file():
+        raise FileNotFoundError(f"no tokenizer at {path}: expected tokenizer.json or a folder with vocab.json + "
+                                "merges.txt; build ours with `make data/cache/tokenizer.json`")
+    return _pipeline(Tokenizer.from_file(str(p)))
+
+
+def _cut(ids, n):
+    return ids if len(ids) <= n else ids[: n - 1] + [EOS]  # keep </s>: the model learns where to stop
+
+
+def encode_pairs(tok, records, max_src=1024, max_tgt=1024, src_key="src", tgt_key="tgt"):
+    """(src id lists, tgt id lists, number of pairs with either side truncated). Order of `records` kept."""
+    src = [e.ids for e in tok.encode_batch([r[src_key] for r in records])]
+    tgt = [e.ids for e in tok.encode_batch([r[tgt_key] for r in records])]
+    n_trunc = sum(len(s) > max_src or len(t) > max_tgt for s, t in zip(src, tgt))
+    return [_cut(s, max_src) for s in src], [_cut(t, max_tgt) for t in tgt], n_trunc
+
+
+def corpus_texts(records):
+    """The strings the tokenizer learns from: each distinct src and tgt once (big classes repeat a lot)."""
+    seen = set()
+    for r in records:
+        for text in (r["src"], r["tgt"]):
+            if text not in seen:
+                seen.add(text)
+                yield text
+
+
+def main():
+    from data import DEFAULT_BASE, load_projects, read_projects
+    ap = argparse.ArgumentParser(description="Train the byte-level BPE tokenizer on base projects.")
+    ap.add_argument("--out", default="data/cache/tokenizer.json")
+    ap.add_argument("--vocab-size", type=int, default=8192)
+    ap.add_argument("--min-frequency", type=int, default=2)
+    ap.add_argument("--projects", nargs="*", default=DEFAULT_BASE, help="base projects (default: the default subset)")
+    ap.add_argument("--all-base", action="store_true", help="every base project of data/projects.tsv")
+    args = ap.parse_args()
+    names = [r["name"] for r in read_projects() if r["role"] == "base"] if args.all_base else args.projects
+    targets = {r["name"] for r in read_projects() if r["role"] == "target"}
+    if targets & set(names):
+        raise SystemExit(f"refusing to train the tokenizer on target projects {sorted(targets & set(names))}")
+    t0 = time.time()
+    records = load_projects(names)
+    t1 = time.time()
+    tok = train_tokenizer(corpus_texts(records), args.vocab_size, args.min_frequency)
+    t2 = time.time()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tok.save(str(tmp))
+    tmp.replace(out)
+    src, tgt, n_trunc = encode_pairs(tok, records[:2000], 1024, 1024)
+    mean = lambda xs: sum(map(len, xs)) / max(len(xs), 1)
+    print(f"{len(names)} projects, {len(records)} pairs (read in {t1 - t0:.1f}s); trained vocab {tok.get_vocab_size()} "
+          f"in {t2 - t1:.1f}s -> {out}\nfirst {len(src)} pairs: mean {mean(src):.0f} src / {mean(tgt):.0f} tgt tokens, "
+          f"{n_trunc} longer than 1024")
+
+
+if __name__ == "__main__":
+    main()
