@@ -1,0 +1,1 @@
+"""Triton kernels. `kernels.attention.attention` is the fused prefix attention (see kernels/README.md)."""
