@@ -1,0 +1,256 @@
+"""
+The paper's customization strategies (§2.2-2.6, Figure 1, Table 1): custom (every weight), leo (shared embedding
+tied with the output layer + both position tables), lldb (last decoder block), prefix (200 trainable keys and
+values per attention site, Li & Liang 2021), and lora (not in the paper: the usual cheap baseline).
+
+    strategies.apply(model, "lldb")   # prints "trainable X / total Y (Z%)", to compare with Table 1
+    opt = torch.optim.AdamW(strategies.trainable_parameters(model), lr=3e-5)
+    strategies.save_trainable(model, "best.safetensors")   # then load_trainable(base + same strategy, path)
+
+Frozen weights get requires_grad=False: no gradient, no optimizer state, no autograd graph below the first
+trainable tensor (lldb's trunk). Counts, storage, FLOPs: `python flops.py --model bart-large`. Tests: `pytest
+tests/test_strategies.py`. Spec: ../shared/specs/bart-checkpoints.md §7 (prefix), §10 (counts).
+"""
+import json
+import math
+import os
+from collections import Counter
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+SITES = ("encoder", "decoder", "cross")  # encoder self-attention, decoder self-attention, decoder cross-attention
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")  # the linears flops.py knows how to count
+
+def _begin(model, name, **options):
+    """Freeze everything and record the strategy (json-normalised: it round-trips through a file's metadata)."""
+    if getattr(model, "strategy", None) is not None:
+        raise ValueError(f"the model is already customized with {model.strategy['name']!r}: start from a fresh base")
+    model.requires_grad_(False)
+    model.strategy = {"name": name, "options": json.loads(json.dumps(options))}
+
+def _report(model):
+    n, total = sum(p.numel() for p in trainable_parameters(model)), model.num_parameters()
+    print(f"{model.strategy['name']}: trainable {n:,} / total {total:,} ({100 * n / total:.2f}%)")
+    return model
+
+def trainable_parameters(model):  # hand only these to the optimizer: frozen weights get no Adam moments
+    return [p for p in model.parameters() if p.requires_grad]
+
+def custom(model):
+    _begin(model, "custom")
+    model.requires_grad_(True)
+    return _report(model)
+
+def leo(model, layernorm=False, logits_bias=False):
+    """Definition C of spec §10: the shared embedding (= both embed_tokens = lm_head) + both position tables.
+    `layernorm` adds both layernorm_embedding (E); `logits_bias` turns the final_logits_bias buffer into a trainable
+    Parameter (D). Both stay frozen by default (the bias is zero in every converted fairseq model)."""
+    _begin(model, "leo", layernorm=layernorm, logits_bias=logits_bias)
+    m = model.model
+    lns = [m.encoder.layernorm_embedding, m.decoder.layernorm_embedding] if layernorm else []
+    for mod in [m.shared, m.encoder.embed_positions, m.decoder.embed_positions] + lns:
+        mod.requires_grad_(True)
+    if logits_bias:  # nn.Module.__setattr__ turns the buffer into a parameter of the same name
+        model.final_logits_bias = nn.Parameter(model.final_logits_bias.detach().clone())
+    emb, pos, V = m.shared.weight.numel(), m.encoder.embed_positions.weight.numel(), m.shared.weight.shape[0]
+    ln, c = 2 * sum(p.numel() for p in m.encoder.layernorm_embedding.parameters()), emb + 2 * pos
+    print(f"leo definitions: shared only {emb:,} | + one position table {emb + pos:,} | + both (C, ours) {c:,} | "
+          f"C + layernorm_embedding {c + ln:,} | C + final_logits_bias {c + V:,}")
+    # bart-large: C = 53,572,608 = 13.19% of 406M; the paper's "53M (13%)" if it truncated. Rounded it would be
+    # 54M, and only "+ one table" (52,521,984, 12.93%) rounds to 53M. C is the natural module-level reading.
+    print("  the paper's 53M (13%) matches C truncated; rounded, only '+ one position table' gives 53M")
+    return _report(model)
+
+def lldb(model):
+    layers = model.model.decoder.layers
+    if len(layers) == 0:
+        raise ValueError("lldb trains the last decoder block, but this model has no decoder layers (decoder_layers=0)")
+    _begin(model, "lldb")
+    layers[-1].requires_grad_(True)  # self-attention, cross-attention, FFN and the three layer norms
+    return _report(model)
+
+class Prefix(nn.Module):
+    """{site: (n_layers, 2, H, P, head_dim)}: P keys and values per layer, already projected, which model.py puts in
+    front of each attention's keys/values (never masked, no positions). mlp_hidden > 0: Li & Liang's training-time
+    reparametrization, a (P, d) table -> Linear -> tanh -> Linear; merge() folds it into the plain table."""
+
+    def __init__(self, config, prefix_len, sites, mlp_hidden=0):
+        super().__init__()
+        L = lambda s: config.encoder_layers if s == "encoder" else config.decoder_layers
+        H = lambda s: config.encoder_attention_heads if s == "encoder" else config.decoder_attention_heads
+        self.shapes = {s: (L(s), 2, H(s), prefix_len, config.d_model // H(s)) for s in sites}
+        self.config, self.prefix_len, self.sites = config, prefix_len, tuple(sites)
+        if mlp_hidden:
+            self.wte = nn.Parameter(torch.randn(prefix_len, config.d_model) * 0.02)
+            n_out = sum(L * two * H * hd for L, two, H, P, hd in self.shapes.values())  # all sites' K, V of a token
+            self.mlp = nn.Sequential(nn.Linear(config.d_model, mlp_hidden), nn.Tanh(), nn.Linear(mlp_hidden, n_out))
+        else:  # small random init, used when no token ids are given (e.g. before loading a saved delta)
+            self.kv = nn.ParameterDict({s: nn.Parameter(torch.randn(sh) * 0.02) for s, sh in self.shapes.items()})
+
+    def forward(self):
+        # A zero-length prefix is no prefix: concatenating an empty K/V changes the keys' memory layout and so the
+        # matmul's rounding (~1e-7); returning no sites keeps P = 0 bit-identical to the base model.
+        if self.prefix_len == 0:
+            return {}
+        if not hasattr(self, "mlp"):
+            return dict(self.kv)
+        flat, out, start = self.mlp(self.wte), {}, 0  # (P, sum over sites of L * 2 * H * hd)
+        for s, (L, two, H, P, hd) in self.shapes.items():
+            n, start = L * two * H * hd, start + L * two * H * hd
+            out[s] = flat[:, start - n:start].reshape(P, L, two, H, hd).permute(1, 2, 3, 0, 4)  # -> (L, 2, H, P, hd)
+        return out
+
+@torch.no_grad()
+def kv_of_tokens(model, ids):
+    """Spec §7: run the ids (positions 0..P-1) through the frozen encoder and, teacher-forced on the same ids, the
+    frozen decoder; return {site: (L, 2, H, P, hd)}: encoder layer l's K/V of its input states, decoder layer l's
+    self-attention K/V, and its cross-attention K/V of the encoder's final output."""
+    was_training = model.training
+    model.eval()  # no dropout in the copied activations
+    ids = ids.to(model.model.shared.weight.device)[None]  # (1, P)
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    encoder, decoder = model.model.encoder, model.model.decoder
+    x, enc_kv = encoder.embed(ids, mask), []
+    for layer in encoder.layers:
+        enc_kv.append(torch.stack(layer.self_attn.project_kv(x)))  # (2, 1, H, P, hd)
+        x = layer(x, mask)
+    cache = [dict() for _ in decoder.layers]
+    decoder(ids, x, mask, cache=cache)  # each layer's cache receives its self K/V ("k", "v") and cross K/V
+    model.train(was_training)
+    stack = lambda kvs: torch.stack(kvs)[:, :, 0]  # (L, 2, 1, H, P, hd) -> (L, 2, H, P, hd)
+    return {"encoder": stack(enc_kv), "decoder": stack([torch.stack((c["k"], c["v"])) for c in cache]),
+            "cross": stack([torch.stack((c["ck"], c["cv"])) for c in cache])}
+
+def prefix(model, prefix_len=200, sites=SITES, init_ids=None, mlp_hidden=0):
+    """Registers a trainable Prefix as model.prefix. All three site kinds: 36 sites on bart-large, 14,745,600
+    parameters; the paper's 24, e.g. sites=("encoder", "decoder"): 9,830,400. init_ids: the project's prefix_len
+    most frequent token ids (most_frequent_ids): their K/V from the frozen model become the prefix (with the MLP,
+    their embedding rows become its input table); None: random."""
+    cfg, sites = model.config, tuple(sites)
+    if not sites or set(sites) - set(SITES):
+        raise ValueError(f"prefix sites must be a non-empty subset of {SITES}, got {sites}")
+    if not 0 <= prefix_len <= cfg.max_position_embeddings:  # the init runs the ids at positions 0..P-1
+        raise ValueError(f"prefix_len={prefix_len} is outside 0..{cfg.max_position_embeddings} (max_position_embeddings)"
+                         f"; the paper uses 200")
+    if init_ids is not None and tuple(init_ids.shape) != (prefix_len,):
+        raise ValueError(f"init_ids must hold prefix_len={prefix_len} token ids (1-D), got shape {tuple(init_ids.shape)}")
+    _begin(model, "prefix", prefix_len=prefix_len, sites=sites, mlp_hidden=mlp_hidden)
+    w = model.model.shared.weight
+    with torch.device(w.device):
+        pre = Prefix(cfg, prefix_len, sites, mlp_hidden).to(w.dtype)
+    with torch.no_grad():
+        if init_ids is not None and prefix_len > 0 and mlp_hidden:
+            pre.wte.copy_(w[init_ids.to(w.device)])
+        elif init_ids is not None and prefix_len > 0:
+            kv = kv_of_tokens(model, init_ids)
+            for s in sites:
+                pre.kv[s].copy_(kv[s])
+    model.prefix = pre  # a submodule now: its tensors are in parameters() and state_dict() as prefix.*
+    if mlp_hidden:
+        print(f"prefix MLP: {sum(p.numel() for p in pre.parameters()):,} parameters while training, "
+              f"{sum(math.prod(s) for s in pre.shapes.values()):,} stored and served after merge()")
+    return _report(model)
+
+def prefix_bank(prefixes):
+    """Per-project prefixes ({site: (L, 2, H, P, hd)}, e.g. each customized model's model.prefix()) -> a bank
+    {site: (N, L, 2, H, P, hd)} for model(..., prefix=(bank, prefix_index)), which mixes projects row by row."""
+    if any(sorted(p) != sorted(prefixes[0]) or any(p[s].shape != prefixes[0][s].shape for s in p) for p in prefixes):
+        raise ValueError("a prefix bank needs prefixes with the same sites and shapes")
+    return {s: torch.stack([p[s].detach() for p in prefixes]) for s in prefixes[0]}
+
+def most_frequent_ids(sequences, n, exclude=()):
+    """The n most frequent token ids in `sequences` (the project's training folds), ties broken by the smaller id,
+    ids in `exclude` (special tokens: our choice, spec §7) skipped; fewer distinct ids than n: cycled to length n."""
+    exclude = set(exclude)
+    counts = Counter(t for seq in sequences for t in seq if t not in exclude)
+    if not counts:
+        raise ValueError("no tokens to take the most frequent ids from")
+    ranked = sorted(counts, key=lambda t: (-counts[t], t))[:n]
+    return torch.tensor((ranked * math.ceil(n / len(ranked)))[:n], dtype=torch.long)
+
+class LoRALinear(nn.Module):
+    """y = base(x) + (alpha / r) * B(A(x)), the base frozen; A Kaiming-uniform, B zero (as PEFT): training starts
+    exactly at the base model."""
+
+    def __init__(self, base, r, alpha):
+        super().__init__()
+        self.base, self.scaling = base, alpha / r
+        kw = dict(device=base.weight.device, dtype=base.weight.dtype)
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, **kw))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, **kw))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's own default init
+
+    def forward(self, x):
+        return self.base(x) + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scaling
+
+def lora(model, r=8, alpha=16, targets=("q_proj", "v_proj")):
+    """Wraps every nn.Linear named in `targets`: q_proj and v_proj of bart-large's 36 attentions (self and cross) at
+    r = 8 are 1,179,648 parameters, PEFT's default for BART (spec §8)."""
+    if r < 1 or not targets or set(targets) - set(LORA_TARGETS):
+        raise ValueError(f"lora needs r >= 1 and targets among {LORA_TARGETS}, got r={r}, targets={targets}")
+    _begin(model, "lora", r=r, alpha=alpha, targets=tuple(targets))
+    for mod, name in [(m, n) for m in model.modules() for n, c in m.named_children() if n in targets]:
+        setattr(mod, name, LoRALinear(getattr(mod, name), r, alpha))
+    return _report(model)
+
+@torch.no_grad()
+def merge(model):
+    """For inference: fold each LoRA into its base weight (W += alpha/r * B A) and a prefix MLP into its table."""
+    for mod in list(model.modules()):
+        for name, child in list(mod.named_children()):
+            if isinstance(child, LoRALinear):
+                child.base.weight += child.scaling * child.lora_B @ child.lora_A
+                setattr(mod, name, child.base)
+    pre = model.prefix
+    if isinstance(pre, Prefix) and hasattr(pre, "mlp"):  # keep the projected table, drop the MLP
+        pre.kv = nn.ParameterDict({s: nn.Parameter(t.clone()) for s, t in pre().items()})
+        del pre.mlp, pre.wte
+    return model
+
+def trainable_state_dict(model):
+    """Exactly the trainable tensors under their model names (tied weights once, as model.shared.weight);
+    detached views of the live tensors: clone them to keep a snapshot."""
+    return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+
+def save_trainable(model, path):
+    """The delta as safetensors, the strategy in the metadata; via a temporary file: never half-written."""
+    from safetensors.torch import save_file
+    sd = {k: v.contiguous() for k, v in trainable_state_dict(model).items()}
+    save_file(sd, f"{path}.tmp", metadata={"strategy": json.dumps(model.strategy)})
+    os.replace(f"{path}.tmp", path)
+
+def load_trainable(model, src):
+    """Copy a delta (a save_trainable path, or a state dict) onto a base model to which the same strategy was
+    applied: the result is the customized model bit for bit. Another strategy, option or shape: ValueError."""
+    if getattr(model, "strategy", None) is None:
+        raise ValueError("apply the delta's strategy to the model first (strategies.apply(model, name, ...))")
+    if isinstance(src, (str, os.PathLike)):
+        from safetensors import safe_open
+        with safe_open(str(src), framework="pt") as f:
+            saved, sd = json.loads((f.metadata() or {}).get("strategy", "null")), {k: f.get_tensor(k) for k in f.keys()}
+        if saved is not None and saved != model.strategy:
+            raise ValueError(f"{src}: a delta of {saved} cannot load onto a model customized with {model.strategy}")
+    else:
+        sd = src
+    own = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    missing, extra = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
+    if missing or extra:
+        raise ValueError(f"the delta does not hold this model's trainable tensors ({model.strategy['name']}): missing "
+                         f"{missing[:3]}, unexpected {extra[:3]}; was it saved from another strategy?")
+    bad = [f"{k} {tuple(sd[k].shape)} vs {tuple(p.shape)}" for k, p in own.items() if sd[k].shape != p.shape]
+    if bad:
+        raise ValueError(f"the delta's shapes do not match this model's (another model size?): {bad[:3]}")
+    with torch.no_grad():
+        for k, p in own.items():
+            p.copy_(sd[k])
+    return model
+
+STRATEGIES = {"custom": custom, "leo": leo, "lldb": lldb, "prefix": prefix, "lora": lora}
+
+def apply(model, name, **options):
+    """strategies.apply(model, "prefix", prefix_len=200, init_ids=ids): the named strategy with its options."""
+    if name not in STRATEGIES:
+        raise ValueError(f"unknown strategy {name!r}; valid strategies: {', '.join(STRATEGIES)}")
+    return STRATEGIES[name](model, **options)
