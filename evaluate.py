@@ -1,0 +1,319 @@
+"""Scores a customized model against the base on its project's test fold, and builds the paper's report (§3.2 RQ1
+intrinsic metrics, §3.3 RQ2 task metrics; Tables 3-4, Figures 3-4).
+
+    python evaluate.py runs/<name> [--limit N] [--beams 5] [--max-new-tokens 256] [--rescore: from predictions.jsonl]
+    python evaluate.py --report runs/       # runs/report.md (Tables 3-4), runs/fig3.png, runs/fig4.png
+    python evaluate.py generate --run runs/<name> --java Foo.java --method bar [--k 5]   # tests for your own code
+
+metrics.json = {"base": M, "customized": M, "decoding": {...}}, written only here (atomically); M holds
+- bleu4: sacrebleu's corpus BLEU (0-100) of the top-1 beam; both sides cut into Java tokens by
+  `abstract_java.java_tokens`, space-joined, tokenize="none" (a string literal with spaces counts as several tokens);
+- perplexity: exp(total NLL / total target tokens) over the fold, teacher-forced, pads excluded. As train.py (and
+  fairseq, AthenaTest) the decoder reads </s> t1..tn and predicts t1..tn </s>: </s> counts, data/'s leading <s> does
+  not. The tables use this per-token figure (§3.2); `perplexity_mean_per_example` is stored beside it;
+- exact@k, abstracted@k: share of examples where one of the first k beams equals the reference with all whitespace
+  deleted (§3.3), or after src2abs (`abstract_java.abstract`, compat=False) of each side ON ITS OWN: pair mode's shared
+  ids would make `x` and `y` VAR_1 and VAR_2, i.e. no masking at all (abstracted = exact, against Figure 3a);
+- style_cosine: mean cosine of (top-1, reference) in a tf-idf space fit per project on identifier documents
+  (`abstract_java.identifiers`) of the reference and generated tests; syntax_valid: share of non-empty top-1 tests
+  that tree-sitter-java parses in `class _ { ... }` without ERROR or MISSING nodes; n: examples scored.
+"""
+import argparse, json, math, os, time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import abstract_java
+import data
+from data.tokenizer import encode_pairs, load_tokenizer
+from model import BART
+
+K = 5  # top-k of Figure 3a
+MODELS = ("base", "customized")
+STRATEGIES = ("custom", "leo", "lldb", "prefix", "lora")
+PAPER_T3 = {"bleu4": dict(base=16.1, custom=38.4, leo=36.9, lldb=37.8, prefix=37.7),  # Table 3, "Average" row
+            "perplexity": dict(base=1.262, custom=1.153, leo=1.158, lldb=1.153, prefix=1.154)}
+PAPER_F3 = {"base": (0.5, 3.0), "customized": (5.0, 13.5)}  # Fig. 3a top-1 (exact, abstracted) %, from §4.2's text
+
+
+# --- the metrics: pure functions of strings and numbers -------------------------------------------------------
+def bleu4(hyps, refs):
+    import sacrebleu
+    lex = lambda code: " ".join(abstract_java.java_tokens(code))
+    return sacrebleu.corpus_bleu([lex(h) for h in hyps], [[lex(r) for r in refs]], tokenize="none").score
+
+
+def perplexity(nll, ntok):
+    """nll[i]: summed NLL of example i's target tokens, ntok[i]: their number -> (per token, mean per example)."""
+    return math.exp(sum(nll) / sum(ntok)), float(np.mean([math.exp(a / b) for a, b in zip(nll, ntok)]))
+
+
+def topk_matches(preds, refs, k=K, abstract=lambda code: abstract_java.abstract(code)[0].split()):
+    """preds[i]: the beams of example i, best first -> {"exact@1": share, ..., "abstracted@k": share}."""
+    squeeze = lambda s: "".join(s.split())
+    hits = np.zeros((2, len(refs), k), dtype=bool)  # (exact | abstracted, example, beam)
+    for i, (beams, ref) in enumerate(zip(preds, refs)):
+        ref_abs = abstract(ref)
+        for j, p in enumerate(beams[:k]):
+            hits[:, i, j] = squeeze(p) == squeeze(ref), abstract(p) == ref_abs
+    cum = hits.cumsum(axis=2) > 0  # (2, n, k): any of the first j beams
+    return {f"{kind}@{j + 1}": float(cum[m, :, j].mean()) for m, kind in enumerate(("exact", "abstracted"))
+            for j in range(k)}
+
+
+def style_cosines(generated, references):
+    """Cosine between each generated test and its reference in the tf-idf space of identifier documents."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    g, r = ([" ".join(abstract_java.identifiers(c)) for c in codes] for codes in (generated, references))
+    if not any(d.strip() for d in g + r):
+        return [0.0] * len(g)  # no identifier anywhere (sklearn refuses an empty vocabulary)
+    vec = TfidfVectorizer(analyzer=str.split).fit(r + g)  # callable analyzer: identifiers whole, case kept
+    return np.asarray(vec.transform(g).multiply(vec.transform(r)).sum(axis=1)).ravel().tolist()  # rows L2-normed
+
+
+def syntax_valid(codes):
+    """Share of codes that are non-empty and parse as class members with no ERROR/MISSING node."""
+    tree = lambda c: abstract_java._PARSER.parse(f"class _ {{ {c} }}".encode())  # abstract_java's tree-sitter-java
+    return float(np.mean([bool(c.strip()) and not tree(c).root_node.has_error for c in codes]))
+
+
+def kruskal_table(groups):
+    """{name: values} -> {a: {b: Kruskal-Wallis p-value of a vs b}} (Table 4); nan where all values are equal."""
+    from scipy.stats import kruskal
+    flat = lambda a, b: len(set(groups[a]) | set(groups[b])) < 2  # scipy refuses samples of one repeated value
+    return {a: {b: None if a == b else float("nan") if flat(a, b) else float(kruskal(groups[a], groups[b]).pvalue)
+                for b in groups} for a in groups}
+
+
+def model_metrics(rows, name, k=K):
+    """M for model `name` from predictions.jsonl rows; also stores each row's style cosine (Figure 3b)."""
+    refs, preds = [r["reference"] for r in rows], [r[name]["predictions"] for r in rows]
+    top1 = [p[0] for p in preds]
+    cos = style_cosines(top1, refs)
+    for r, c in zip(rows, cos):
+        r[name]["style_cosine"] = c
+    ppl, ppl_mean = perplexity([r[name]["nll"] for r in rows], [r[name]["tokens"] for r in rows])
+    return {"bleu4": bleu4(top1, refs), "perplexity": ppl, **topk_matches(preds, refs, k),
+            "style_cosine": float(np.mean(cos)), "syntax_valid": syntax_valid(top1), "n": len(rows),
+            "perplexity_mean_per_example": ppl_mean}
+
+
+# --- the model side: teacher-forced NLL and beam search, batched by source length ----------------------------
+def batches(src, size, device):
+    """Yields (indices, ids (B, S), mask (B, S)) on `device`, sources of similar length together (less padding)."""
+    order = sorted(range(len(src)), key=lambda i: len(src[i]))
+    for j in range(0, len(order), size):
+        yield order[j:j + size], *(t.to(device) for t in pad([src[i] for i in order[j:j + size]]))
+
+
+def pad(seqs, value=1):  # list of id lists -> (B, T) ids right-padded with <pad>, (B, T) mask
+    T = max(map(len, seqs))
+    return (torch.tensor([s + [value] * (T - len(s)) for s in seqs]),
+            torch.tensor([[1] * len(s) + [0] * (T - len(s)) for s in seqs]))
+
+
+@torch.no_grad()
+def target_nll(model, src, tgt, batch_size=16, device="cpu"):
+    """[(summed NLL, tokens)] per example, teacher-forced: the decoder reads [start] + y[:-1], predicts y = tgt[i]."""
+    out = {}
+    for idx, ids, mask in batches(src, batch_size, device):
+        y, ymask = pad([tgt[i] for i in idx])  # (B, T) labels, (B, T) 1 = real token
+        dec = torch.cat([torch.full_like(y[:, :1], model.config.decoder_start_token_id), y[:, :-1]], 1)
+        logits = model(ids, mask, dec.to(device)).float().flatten(0, 1)  # (B*T, V): the loss is 4x faster flat
+        nll = F.cross_entropy(logits, y.flatten().to(device), reduction="none").view(y.shape).cpu() * ymask
+        out.update(zip(idx, zip(nll.sum(1).tolist(), ymask.sum(1).tolist())))
+    return [out[i] for i in range(len(src))]
+
+
+@torch.no_grad()
+def beam_search(model, src, k=K, beams=5, max_new_tokens=256, batch_size=16, device="cpu"):
+    """[(k id lists best first, k scores)] per example, from model.generate (length-normalised log-probs)."""
+    out = {}
+    for idx, ids, mask in batches(src, batch_size, device):
+        seqs, scores = model.generate(ids, mask, num_beams=beams, num_return_sequences=k,
+                                      max_new_tokens=max_new_tokens, length_penalty=1.0, early_stopping=True)
+        seqs, scores = seqs.view(len(idx), k, -1).tolist(), scores.view(len(idx), k).tolist()  # (B*k, T) -> (B, k, T)
+        out.update(zip(idx, zip(seqs, scores)))
+    return [out[i] for i in range(len(src))]
+
+
+# --- a run folder (DESIGN.md) and the integration points with data/ and strategies.py -----------------------
+def read_jsonl(path):
+    """JSON lines -> list of dicts; non-UTF-8 text or broken JSON is an error naming the file and the line."""
+    rows = []
+    for n, raw in enumerate(Path(path).read_bytes().splitlines(), 1):
+        try:
+            rows += [json.loads(raw.decode("utf-8"))] if raw.strip() else []
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:  # the first: not UTF-8 text; the second: not JSON
+            raise ValueError(f"{path}:{n}: not a UTF-8 JSON line ({e})") from None
+    return rows
+
+
+def check_predictions(rows, path, expected_ids=()):
+    """Every row: id, reference and per model a non-empty list of strings and a token count; no test id missing."""
+    for r, m in ((r, m) for r in rows or [{}] for m in MODELS):
+        if "id" not in r or not isinstance(r.get("reference"), str) or not isinstance(r.get(m), dict):
+            raise ValueError(f"{path}: row {r.get('id', '?')} lacks id, reference or the {m} model's entry")
+        if not (r[m].get("predictions") and all(type(x) is str for x in r[m]["predictions"]) and r[m].get("tokens")):
+            raise ValueError(f"{path}: id {r['id']}: empty predictions (or no token count) for the {m} model")
+    if missing := sorted(set(expected_ids) - {r["id"] for r in rows}):
+        raise ValueError(f"{path}: predictions missing for {len(missing)} test ids, e.g. {missing[:3]}")
+
+
+def run_config(run):
+    for f, why in (("config.json", "not a run folder"), ("best.safetensors", "no checkpoint: train.py writes it")):
+        if not (Path(run) / f).is_file():
+            raise FileNotFoundError(f"{run}: no {f} ({why})")
+    return json.loads((Path(run) / "config.json").read_text())
+
+
+def load_models(run, cfg, vocab_size, device="cpu"):
+    """The base, and base + strategy + the run's delta (strategies.py). sdpa: math's numbers, 25% faster on CPU."""
+    import strategies
+    base, cust = (BART.from_pretrained(cfg["base"], "sdpa", expect_vocab_size=vocab_size) for _ in range(2))
+    options = {k: v for k, v in cfg.get("strategy_options", {}).items() if k != "init_ids"}  # the delta overwrites it
+    strategies.apply(cust, cfg["strategy"], **options)
+    strategies.load_trainable(cust, str(Path(run) / "best.safetensors"))
+    return base.to(device).eval(), cust.to(device).eval()
+
+
+def write_atomic(path, text):  # temp file + rename: a reader never sees half a file
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def score_run(run, limit=None, beams=5, max_new_tokens=None, batch_size=16, device="cpu", rescore=False):
+    """Both models on the run's test fold -> predictions.jsonl, metrics.json; returns the metrics. For train.py."""
+    run, cfg, k = Path(run), run_config(run), min(K, beams)
+    test = data.folds(data.load_project(cfg["corpus"]), cfg["fold"], cfg["k_folds"], cfg["seed"])[2][:limit]
+    max_new_tokens = max_new_tokens or cfg["max_tgt_len"]  # the test fold is train.py's, as are the lengths
+    decoding = dict(num_beams=beams, num_return_sequences=k, max_new_tokens=max_new_tokens, length_penalty=1.0,
+                    early_stopping=True, limit=limit, abstraction="single")
+    if rescore:
+        rows = read_jsonl(run / "predictions.jsonl")
+        check_predictions(rows, run / "predictions.jsonl", [r["id"] for r in test])
+        decoding = {**json.loads((run / "metrics.json").read_text())["decoding"], "rescored": True}  # as generated
+    else:
+        tok = load_tokenizer(cfg["tokenizer"])
+        src, tgt, _ = encode_pairs(tok, test, cfg["max_src_len"], cfg["max_tgt_len"])
+        tgt = [t[1:] for t in tgt]  # <s> t1..tn </s> -> t1..tn </s>: what train.py's decoder learns to predict
+        rows = [{"id": r["id"], "reference": r["tgt"]} for r in test]
+        for name, model in zip(MODELS, load_models(run, cfg, tok.get_vocab_size(), device)):
+            t0 = time.time()
+            nll = target_nll(model, src, tgt, batch_size, device)
+            beam = beam_search(model, src, k, beams, max_new_tokens, batch_size, device)
+            for r, (s, n), (seqs, scores) in zip(rows, nll, beam):
+                r[name] = {"predictions": tok.decode_batch(seqs), "scores": scores, "nll": s, "tokens": n}
+            print(f"{name}: {len(rows)} examples scored in {time.time() - t0:.0f}s")
+    metrics = {name: model_metrics(rows, name) for name in MODELS}
+    write_atomic(run / "predictions.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    write_atomic(run / "metrics.json", json.dumps({**metrics, "decoding": decoding}, indent=1))
+    for name, m in metrics.items():
+        print(f"{name:>10}: " + "  ".join(f"{k} {v:.4g}" for k, v in m.items() if k[-2:] not in ("@2", "@3", "@4")))
+    return metrics
+
+
+# --- the report over a folder of runs: Tables 3-4 (markdown), Figures 3-4 (PNG) -----------------------------
+def report(root):
+    import matplotlib.pyplot as plt
+    plt.switch_backend("Agg")  # files only, no display
+    root, E, logs = Path(root), {}, {}  # E: (project, fold, column, run) -> (M, run dir, model); base once a fold
+    for d in sorted(p for p in root.iterdir() if (p / "metrics.json").is_file()):
+        cfg, m = json.loads((d / "config.json").read_text()), json.loads((d / "metrics.json").read_text())
+        E[cfg["project"], cfg["fold"], "base", ""] = (m["base"], d, "base")
+        E[cfg["project"], cfg["fold"], cfg["strategy"], d.name] = (m["customized"], d, "customized")
+        logs.setdefault(cfg["strategy"], []).append(d / "log.jsonl")
+    if not E:
+        raise FileNotFoundError(f"{root}: no run folder with metrics.json (score runs with `python evaluate.py RUN`)")
+    cols, projects = ["base"] + [s for s in STRATEGIES if s in logs], sorted({key[0] for key in E})
+    mean = lambda metric, c, p=None: float(np.mean([v[0][metric] for key, v in E.items() if key[2] == c
+                                                    and p in (None, key[0])]))
+    md, fmt = ["# Results: Table 3 and Table 4 analogues", ""], {"bleu4": "{:.1f}", "perplexity": "{:.3f}"}
+    row = lambda label, cells: f"| {label} | " + " | ".join(cells) + " |"
+    head = [row("", cols), "|---" * (len(cols) + 1) + "|"]
+    for metric in ("bleu4", "perplexity"):
+        have = {c: [p for p in projects if any(key[0] == p and key[2] == c for key in E)] for c in cols}
+        f = fmt[metric].format
+        md += [f"## Table 3: {metric} (mean over folds)", "", *head]
+        md += [row(p, [f(mean(metric, c, p)) if p in have[c] else "-" for c in cols]) for p in projects]
+        md += [row("**average**", [f(mean(metric, c)) for c in cols]),
+               row("paper average", [f(PAPER_T3[metric][c]) if c in PAPER_T3[metric] else "-" for c in cols]), ""]
+        kw = kruskal_table({c: [mean(metric, c, p) for p in have[c]] for c in cols})
+        md += [f"## Table 4: Kruskal-Wallis p-values over projects, {metric} (paper: base vs each strategy 3e-08, "
+               "between strategies 0.4-0.9)", "", *head]
+        md += [row(a, ["-" if v is None else f"{v:.2g}" for v in kw[a].values()]) for a in cols] + [""]
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4))  # Figure 3: (a) top-k curves, (b) style cosines
+    for i, c in enumerate(cols):
+        for kind, ls in (("exact", "-"), ("abstracted", ":")):
+            ax.plot(range(1, K + 1), [100 * mean(f"{kind}@{j}", c) for j in range(1, K + 1)], ls, color=f"C{i}",
+                    label=f"{c} {kind}")
+        cos = [row[who]["style_cosine"] for key, (_, d, who) in E.items() if key[2] == c
+               and (d / "predictions.jsonl").is_file() for row in read_jsonl(d / "predictions.jsonl")]
+        bx.hist(cos, bins=20, range=(0, 1), histtype="step", density=True, color=f"C{i}", label=c)
+    for who, (ex, ab) in PAPER_F3.items():
+        ax.plot([1, 1], [ex, ab], "x", color="k" if who == "base" else "grey", label=f"paper {who} top-1")
+    ax.set(xlabel="k", xticks=range(1, K + 1), ylabel="in the top k (%)", title="(a) exact (solid), abstracted (dots)")
+    bx.set(xlabel="tf-idf cosine of identifiers, generated vs developer", ylabel="density", title="(b) coding style")
+    ax.legend(fontsize=6), bx.legend(fontsize=7), fig.tight_layout(), fig.savefig(root / "fig3.png", dpi=120)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))  # Figure 4: validation loss vs PF-s, both FLOP conventions
+    for ax, key in zip(axes, ("pf_s_paper", "pf_s_exact")):
+        for c in cols[1:]:
+            curves = [xy for f in logs[c] if f.is_file() for xy in [np.array([(l[key], l["val_loss"])
+                      for l in read_jsonl(f) if l.get("val_loss") is not None]).T] if xy.size]
+            for x, y in curves:  # light: each project and fold
+                ax.plot(x, y, color=f"C{cols.index(c)}", alpha=0.3, lw=0.8)
+            if curves:  # bold: the mean over the compute range that every run covers
+                grid = np.linspace(max(x[0] for x, _ in curves), min(x[-1] for x, _ in curves), 50)
+                ax.plot(grid, np.mean([np.interp(grid, x, y) for x, y in curves], 0), color=f"C{cols.index(c)}",
+                        lw=2, label=c)
+        ax.set(xlabel=f"compute (PF-s, {key[5:]} FLOP convention)", ylabel="validation loss"), ax.legend()
+    fig.tight_layout(), fig.savefig(root / "fig4.png", dpi=120)
+    write_atomic(root / "report.md", "\n".join(md + ["![Figure 3](fig3.png)", "", "![Figure 4](fig4.png)", ""]))
+    print("\n".join(md))
+
+
+# --- everyday use: tests for one method of your own code; the command line ----------------------------------
+def generate_tests(run, java, method, k=K, beams=5, max_new_tokens=None, device="cpu"):
+    """[(score, test code)]: the k best tests the customized model writes for `method` in the file `java`."""
+    from data.java import parse_java
+    from data.mine import corpus_strings
+    cfg = run_config(run)
+    classes, _ = parse_java(Path(java).read_bytes())  # data/ decodes UTF-8, else Latin-1
+    hits = [(c, m) for c in classes for m in c["methods"] if m["identifier"] == method]
+    if not hits:
+        names = ", ".join(sorted({m["identifier"] for c in classes for m in c["methods"]})) or "none"
+        raise ValueError(f"{java}: no method {method!r} in a top-level class (its methods: {names})")
+    tok, src = load_tokenizer(cfg["tokenizer"]), corpus_strings(*hits[0])["src_fm_fc_ms_ff"]  # the corpus's `src`
+    model = load_models(run, cfg, tok.get_vocab_size(), device)[1]
+    src = encode_pairs(tok, [{"src": src, "tgt": ""}], cfg["max_src_len"])[0]
+    (seqs, scores), = beam_search(model, src, min(k, beams), beams, max_new_tokens or cfg["max_tgt_len"], 1, device)
+    return list(zip(scores, tok.decode_batch(seqs)))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Score a run (evaluate.py RUN), build the report (--report DIR), or "
+                                 "write tests for your code (evaluate.py generate --run RUN --java FILE --method NAME)")
+    for flag, kw in [("run", dict(nargs="?", help="a run folder, or `generate`")), ("--report", {}), ("--java", {}),
+                     ("--limit", dict(type=int)), ("--rescore", dict(action="store_true")), ("--method", {}),
+                     ("--beams", dict(type=int, default=5)), ("--max-new-tokens", dict(type=int)),
+                     ("--batch-size", dict(type=int, default=16)), ("--run", dict(dest="generate_run")),
+                     ("--k", dict(type=int, default=K)),
+                     ("--device", dict(default="cuda" if torch.cuda.is_available() else "cpu"))]:
+        ap.add_argument(flag, **kw)
+    a = ap.parse_args(argv)
+    if a.run == "generate" and a.generate_run and a.java and a.method:
+        tests = generate_tests(a.generate_run, a.java, a.method, a.k, a.beams, a.max_new_tokens, a.device)
+        print("\n\n".join(f"// {i + 1}: score {score:.3f}\n{code}" for i, (score, code) in enumerate(tests)))
+    elif a.report:
+        report(a.report)
+    elif a.run and a.run != "generate":
+        score_run(a.run, a.limit, a.beams, a.max_new_tokens, a.batch_size, a.device, a.rescore)
+    else:
+        ap.error("give a run folder, --report DIR, or: generate --run RUN --java FILE --method NAME")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,184 @@
+"""evaluate.py against outside references: sacrebleu called directly (BLEU-4), HF transformers' loss on the same
+weights (perplexity), hand-computed top-k matches and syntax shares, scikit-learn (style cosine), scipy (Kruskal-
+Wallis); bad inputs; the run-folder contract end to end on a tiny random model. CPU, about 30 s on 2 busy cores.
+Run: `make test` or `.venv/bin/python -m pytest tests/test_evaluate.py -q`."""
+import json
+import math
+
+import numpy as np
+import pytest
+import sacrebleu
+import torch
+from scipy.stats import kruskal
+from sklearn.feature_extraction.text import TfidfVectorizer
+from sklearn.metrics.pairwise import cosine_similarity
+
+import abstract_java
+import evaluate as ev
+from model import BART, BARTConfig
+
+transformers = pytest.importorskip("transformers")
+TINY = dict(vocab_size=300, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+            decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=128, dropout=0.0)
+T0 = "@Test public void testFoo() { Foo f = new Foo(); assertEquals(1, f.size()); }"
+T1 = "@Test public void testNull() { assertNull(map.get(\"k\")); }"
+
+
+def test_bleu4_is_sacrebleu_on_java_tokens():
+    hyps = [T0.replace("1", "2"), "@Test public void t() { }", T1]
+    refs = [T0, "@Test public void testX() { x.run(); }", T1.replace("get", "remove")]
+    lex = lambda c: " ".join(abstract_java.java_tokens(c))
+    want = sacrebleu.corpus_bleu([lex(h) for h in hyps], [[lex(r) for r in refs]], tokenize="none").score
+    assert ev.bleu4(hyps, refs) == pytest.approx(want, abs=1e-9)
+    assert 0 < want < 100 and ev.bleu4(refs, refs) == pytest.approx(100.0)
+
+
+@pytest.mark.parametrize("impl", ["math", "sdpa"])  # evaluate.load_models runs sdpa
+def test_perplexity_is_exp_of_hf_loss(tmp_path, impl):
+    """Per-token perplexity = exp(HF's mean loss over labels t1..tn </s>); per example: mean of exp(loss_i)."""
+    torch.manual_seed(0)
+    ours = BART(BARTConfig(**TINY, attn_impl=impl)).eval()
+    with torch.no_grad():
+        ours.final_logits_bias.normal_(std=0.5)
+    ours.save_pretrained(tmp_path / "m")
+    hf = transformers.BartForConditionalGeneration.from_pretrained(tmp_path / "m").eval()
+    g = torch.Generator().manual_seed(1)
+    rand = lambda n: torch.randint(3, 300, (n,), generator=g).tolist() + [2]  # t1..tn </s>, as train.py's labels
+    src, tgt = [rand(n) for n in (9, 4, 12, 6, 1)], [rand(n) for n in (5, 11, 2, 7, 3)]
+    ppl, ppl_mean = ev.perplexity(*zip(*ev.target_nll(ours, src, tgt, batch_size=2)))
+
+    def hf_loss(s, t):  # right-padded batch, labels -100 at pads; HF shifts labels right itself
+        ids, mask = ev.pad(s)
+        labels = ev.pad(t)[0].masked_fill(ev.pad(t)[1] == 0, -100)
+        with torch.no_grad():
+            return float(hf(input_ids=ids, attention_mask=mask, labels=labels).loss)
+    assert ppl == pytest.approx(math.exp(hf_loss(src, tgt)), rel=1e-5)
+    assert ppl_mean == pytest.approx(np.mean([math.exp(hf_loss([s], [t])) for s, t in zip(src, tgt)]), rel=1e-5)
+
+
+def test_topk_exact_and_abstracted_hand_fixture():
+    refs = [T0, "@Test public void t() { assertNull(x); }", "@Test void a() { b(); }", "@Test void a() { b(); }"]
+    renamed = T0.replace("testFoo", "testFoo2").replace(" f", " g")  # same structure, other names
+    preds = [["@Test public void testBar() { int x = 2; }", renamed, T0.replace(" ", "  ").replace("(", " ( ")],
+             ["@Test public void t() {assertNull( x );}"],  # whitespace only: exact at 1
+             ["int x;", "@Test void a() { b() }"],  # nothing (the second lacks a semicolon)
+             ["x", "x", "x", "x", "@Test void c() { d(); } // other names"]]  # abstracted at 5
+    got = ev.topk_matches(preds, refs, k=5)
+    want = {"exact": [1, 1, 2, 2, 2], "abstracted": [1, 2, 2, 2, 3]}  # hits among 4 examples, top-1 ... top-5
+    assert got == {f"{kind}@{j + 1}": n / 4 for kind, ns in want.items() for j, n in enumerate(ns)}
+    a, b, _ = abstract_java.abstract_pair(renamed, T0)  # why each side alone: in pair mode testFoo2/testFoo and g/f
+    assert a != b  # get distinct shared ids (METHOD_1/METHOD_4, VAR_1/VAR_2), so a renamed test would never match
+
+
+def test_style_cosine_is_sklearn_tfidf_cosine():
+    gen = [T0, T1, "@Test public void t() { Bar b = new Bar(); b.go(); }", "int x;"]
+    refs = [T0.replace("size", "length"), T1, "@Test public void testGo() { Foo f = make(); f.go(); }", "{ }"]
+    docs = lambda codes: [" ".join(abstract_java.identifiers(c)) for c in codes]
+    vec = TfidfVectorizer(token_pattern=r"\S+", lowercase=False).fit(docs(refs) + docs(gen))
+    want = cosine_similarity(vec.transform(docs(gen)), vec.transform(docs(refs))).diagonal()
+    got = ev.style_cosines(gen, refs)
+    np.testing.assert_allclose(got, want, atol=1e-12)
+    assert got[1] == pytest.approx(1.0) and got[3] == 0.0 and ev.style_cosines(["1;"], ["2;"]) == [0.0]
+
+
+def test_kruskal_table_is_scipy():
+    groups = {"base": [16.1, 14.2, 18.5, 10.2], "custom": [38.4, 32.9, 30.7, 31.8], "lldb": [37.8, 31.9, 29.4, 32.2],
+              "flat": [1.0, 1.0], "flat2": [1.0]}
+    t = ev.kruskal_table(groups)
+    for a in ("base", "custom", "lldb"):
+        for b in ("base", "custom", "lldb"):
+            assert t[a][b] is None if a == b else t[a][b] == pytest.approx(kruskal(groups[a], groups[b]).pvalue)
+    assert math.isnan(t["flat"]["flat2"])  # scipy itself refuses: all values identical
+    assert t["base"]["flat"] == pytest.approx(kruskal(groups["base"], groups["flat"]).pvalue)
+
+
+def test_syntax_valid_hand_fixture():
+    codes = [T0, T1, "@Test public void t() { int a = 1 }", "@Test public void t() { foo(; }", "", "   "]
+    assert ev.syntax_valid(codes) == pytest.approx(2 / 6)
+
+
+# --- bad input: clear errors naming the file, the line, the id or the missing piece ------------------------------
+
+
+def test_non_utf8_and_broken_json_name_the_line(tmp_path):
+    f = tmp_path / "predictions.jsonl"
+    f.write_bytes(b'{"id": "a"}\n{"id": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=r"predictions.jsonl:2: not a UTF-8 JSON line"):
+        ev.read_jsonl(f)
+    f.write_bytes(b'{"id": "a"}\n\n{"id": \n')
+    with pytest.raises(ValueError, match=r"predictions.jsonl:3: not a UTF-8 JSON line"):
+        ev.read_jsonl(f)
+
+
+def test_predictions_missing_ids_or_empty_are_named():
+    row = lambda i, p: {"id": i, "reference": "x", **{m: dict(predictions=p, nll=1.0, tokens=3) for m in ev.MODELS}}
+    ev.check_predictions([row("a", ["x"]), row("b", ["y", "z"])], "P", ["a", "b"])
+    with pytest.raises(ValueError, match=r"P: predictions missing for 2 test ids, e.g. \['c', 'd'\]"):
+        ev.check_predictions([row("a", ["x"])], "P", ["a", "c", "d"])
+    with pytest.raises(ValueError, match=r"P: id b: empty predictions .* base model"):
+        ev.check_predictions([row("a", ["x"]), row("b", [])], "P")
+    with pytest.raises(ValueError, match=r"P: row \? lacks id"):
+        ev.check_predictions([], "P")
+
+
+def test_run_without_checkpoint_and_unknown_method(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match=r"no best.safetensors \(no checkpoint"):
+        ev.score_run(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"no config.json \(not a run folder\)"):
+        ev.score_run(tmp_path / "nowhere")
+    (tmp_path / "best.safetensors").write_bytes(b"")
+    (tmp_path / "Foo.java").write_text("class Foo { int bar() { return 1; } Foo() {} }")
+    with pytest.raises(ValueError, match=r"no method 'baz' .*its methods: Foo, bar"):
+        ev.generate_tests(tmp_path, tmp_path / "Foo.java", "baz")
+
+
+# --- the run-folder contract end to end: tiny random model, lldb delta, 5 test classes ---------------------------
+
+
+def test_score_run_rescore_report_and_generate(tmp_path, capsys):
+    import strategies
+    from data.tokenizer import train_tokenizer
+    recs = [{"id": f"p_{i}", "project": "p", "src": f"Foo {{ int m{i}(int a) {{ return a + {i}; }} }}",
+             "tgt": f"@Test public void testM{i}() {{ assertEquals({i}, new Foo().m{i}(0)); }}",
+             "test_class": {"file": f"T{i % 6}.java", "identifier": f"T{i % 6}"}} for i in range(24)]
+    (tmp_path / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    tok = train_tokenizer([t for r in recs for t in (r["src"], r["tgt"])], vocab_size=300, min_frequency=1)
+    tok.save(str(tmp_path / "tok.json"))
+    torch.manual_seed(0)
+    BART(BARTConfig(**{**TINY, "vocab_size": tok.get_vocab_size()})).save_pretrained(tmp_path / "base")
+    run = tmp_path / "runs" / "lldb-p-0"
+    run.mkdir(parents=True)
+    cfg = dict(base=str(tmp_path / "base"), tokenizer=str(tmp_path / "tok.json"), project="p", fold=0, k_folds=4,
+               corpus=str(tmp_path / "corpus.jsonl"), seed=0, strategy="lldb", strategy_options={}, max_src_len=64,
+               max_tgt_len=48)
+    (run / "config.json").write_text(json.dumps(cfg))
+    model = BART.from_pretrained(tmp_path / "base")
+    strategies.apply(model, "lldb")
+    with torch.no_grad():
+        # the customized model must differ from the base (a shift of fc2.bias would not: LayerNorm removes it)
+        model.model.decoder.layers[-1].fc2.weight.normal_(std=1.0)
+    strategies.save_trainable(model, str(run / "best.safetensors"))
+    metrics = ev.score_run(run, limit=4, beams=3, max_new_tokens=6, batch_size=3)
+    keys = {"bleu4", "perplexity", *(f"{k}@{j}" for k in ("exact", "abstracted") for j in range(1, 6)),
+            "style_cosine", "syntax_valid", "n", "perplexity_mean_per_example"}
+    saved = json.loads((run / "metrics.json").read_text())
+    assert set(saved) == {"base", "customized", "decoding"} and set(saved["base"]) == keys == set(saved["customized"])
+    assert saved["decoding"]["num_beams"] == 3 and saved["base"]["n"] == 4 and saved["base"] != saved["customized"]
+    rows = ev.read_jsonl(run / "predictions.jsonl")
+    assert len(rows) == 4 and all(len(r[m]["predictions"]) == 3 == len(r[m]["scores"]) for r in rows for m in ev.MODELS)
+    ev.main([str(run), "--rescore", "--limit", "4", "--beams", "3"])  # the same numbers from predictions.jsonl
+    assert {m: json.loads((run / "metrics.json").read_text())[m] for m in ev.MODELS} == metrics
+    log = [dict(step=s, pf_s_paper=s / 10, pf_s_exact=s / 8, val_loss=3 - s / 5) for s in range(1, 6)]
+    (run / "log.jsonl").write_text("".join(json.dumps(entry) + "\n" for entry in log))
+    ev.report(tmp_path / "runs")
+    md = (tmp_path / "runs" / "report.md").read_text()
+    assert "| paper average | 16.1 | 37.8 |" in md and "Table 4" in md
+    assert (tmp_path / "runs" / "fig3.png").stat().st_size > 0 and (tmp_path / "runs" / "fig4.png").stat().st_size > 0
+    (tmp_path / "Foo.java").write_text("class Foo { int m3(int a) { return a + 3; } }")
+    tests = ev.generate_tests(run, tmp_path / "Foo.java", "m3", k=2, beams=2, max_new_tokens=5)
+    assert len(tests) == 2 and all(isinstance(c, str) for _, c in tests) and tests[0][0] >= tests[1][0]
+    capsys.readouterr()
+    ev.main(["generate", "--run", str(run), "--java", str(tmp_path / "Foo.java"), "--method", "m3", "--k", "2",
+             "--beams", "2", "--max-new-tokens", "5"])
+    assert "// 1: score " in capsys.readouterr().out
