@@ -74,15 +74,11 @@ def config_from_preset(name, **overrides):
 # attention: one function per implementation, all with the kernel's signature
 
 
-def attention_math(q, k, v, key_padding_mask=None, causal=False, prefix_k=None, prefix_v=None,
-                   prefix_index=None, softmax_scale=None, dropout_p=0.0):
-    """The readable reference. q (B, H, Lq, D); k, v (B, H, Lk, D); key_padding_mask (B, Lk) True = real key;
-    causal: query i sees key j iff j <= i + (Lk - Lq) (lower-right, so a KV-cached step with Lq = 1 sees all);
-    prefix_k/v (H, P, D) shared, or a bank (N, H, P, D) with prefix_index (B,) picking each row's prefix.
-    Prefix keys are always visible and have no positions. A row with no visible key returns 0 (no NaN)."""
+def with_prefix_and_mask(q, k, v, key_padding_mask, causal, prefix_k, prefix_v, prefix_index):
+    """The reference's view of attention: each row's prefix K/V put in front of its keys, and the boolean
+    visibility (B, 1, Lq, P + Lk): prefix always visible; real keys by padding and the lower-right causal rule."""
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
-    scale = D ** -0.5 if softmax_scale is None else softmax_scale
     visible = torch.ones(B, 1, Lq, Lk, dtype=torch.bool, device=q.device)
     if key_padding_mask is not None:
         visible = visible & key_padding_mask[:, None, None, :]
@@ -93,6 +89,17 @@ def attention_math(q, k, v, key_padding_mask=None, causal=False, prefix_k=None, 
         k, v = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)  # (B, H, P + Lk, D)
         always = torch.ones(B, 1, Lq, pk.shape[2], dtype=torch.bool, device=q.device)
         visible = torch.cat([always, visible], dim=-1)  # (B, 1, Lq, P + Lk)
+    return k, v, visible
+
+
+def attention_math(q, k, v, key_padding_mask=None, causal=False, prefix_k=None, prefix_v=None,
+                   prefix_index=None, softmax_scale=None, dropout_p=0.0):
+    """The readable reference. q (B, H, Lq, D); k, v (B, H, Lk, D); key_padding_mask (B, Lk) True = real key;
+    causal: query i sees key j iff j <= i + (Lk - Lq) (lower-right, so a KV-cached step with Lq = 1 sees all);
+    prefix_k/v (H, P, D) shared, or a bank (N, H, P, D) with prefix_index (B,) picking each row's prefix.
+    Prefix keys are always visible and have no positions. A row with no visible key returns 0 (no NaN)."""
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+    k, v, visible = with_prefix_and_mask(q, k, v, key_padding_mask, causal, prefix_k, prefix_v, prefix_index)
     s = (q @ k.transpose(-2, -1)) * scale  # (B, H, Lq, P + Lk)
     s = s.masked_fill(~visible, float("-inf"))
     row_ok = visible.any(dim=-1, keepdim=True)  # rows with nothing visible get 0, not softmax(-inf) = NaN
@@ -105,19 +112,9 @@ def attention_math(q, k, v, key_padding_mask=None, causal=False, prefix_k=None, 
 def attention_sdpa(q, k, v, key_padding_mask=None, causal=False, prefix_k=None, prefix_v=None,
                    prefix_index=None, softmax_scale=None, dropout_p=0.0):
     """PyTorch's fused attention on the concatenated prefix + keys with a boolean mask (the kernel's baseline)."""
-    B, H, Lq, D = q.shape
-    Lk = k.shape[2]
     if key_padding_mask is None and not causal and prefix_k is None:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=softmax_scale)
-    visible = torch.ones(B, 1, Lq, Lk, dtype=torch.bool, device=q.device)
-    if key_padding_mask is not None:
-        visible = visible & key_padding_mask[:, None, None, :]
-    if causal:
-        visible = visible & torch.ones(Lq, Lk, dtype=torch.bool, device=q.device).tril(diagonal=Lk - Lq)
-    if prefix_k is not None:
-        pk, pv = gather_prefix(prefix_k, prefix_v, prefix_index, B)
-        k, v = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
-        visible = torch.cat([torch.ones(B, 1, Lq, pk.shape[2], dtype=torch.bool, device=q.device), visible], -1)
+    k, v, visible = with_prefix_and_mask(q, k, v, key_padding_mask, causal, prefix_k, prefix_v, prefix_index)
     row_ok = visible.any(dim=-1, keepdim=True)  # fully masked rows: unmask them, then zero the output
     y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible | ~row_ok, dropout_p=dropout_p, scale=softmax_scale)
     return y * row_ok
@@ -390,40 +387,40 @@ class BART(nn.Module):
         fin_done = torch.zeros(B, K, dtype=torch.bool, device=dev)
         improvable = torch.ones(B, 1, dtype=torch.bool, device=dev)
         top_k = torch.arange(2 * K, device=dev) < K  # only EOS among the best K candidates may finish a beam
+        take = lambda x, idx: torch.gather(x, 1, idx if x.dim() == 2 else idx[:, :, None].expand(-1, -1, x.shape[2]))
         for cur in range(1, max_len):
             step_ids = run_seq[:, :, cur - 1].reshape(B * K, 1)  # the last token of every running beam
             logits = self.decode(step_ids, enc, attention_mask, prefix, cache, beams=K)[:, -1].float()  # (B*K, V)
-            logp = F.log_softmax(logits, dim=-1)  # (B*K, V)
-            if cfg.forced_bos_token_id is not None and cur == 1:
-                logp = torch.full_like(logp, float("-inf")).index_fill_(1, torch.tensor([cfg.forced_bos_token_id], device=dev), 0.0)
+            logp = F.log_softmax(logits, dim=-1)
+            if cfg.forced_bos_token_id is not None and cur == 1:  # only <s> may come first
+                logp = torch.full_like(logp, float("-inf"))
+                logp[:, cfg.forced_bos_token_id] = 0.0
             V = logp.shape[-1]
             cand = (logp.view(B, K, V) + run_score[:, :, None]).view(B, K * V)
-            cand_score, cand_idx = torch.topk(cand, 2 * K)  # (B, 2K): keep 2K so K can continue after EOS
+            cand_score, cand_idx = torch.topk(cand, 2 * K)  # (B, 2K): 2K, so that K can go on after EOS
             parent, token = cand_idx // V, cand_idx % V
-            cand_seq = torch.gather(run_seq, 1, parent[:, :, None].expand(-1, -1, max_len)).clone()
+            cand_seq = take(run_seq, parent).clone()  # (B, 2K, max_len)
             cand_seq[:, :, cur] = token
-            ends = (token == cfg.eos_token_id) | (cur == max_len - 1)  # EOS or out of room
+            ends = (token == cfg.eos_token_id) | (cur == max_len - 1)  # EOS, or out of room
             # the K best candidates that do not end keep running
-            keep = torch.topk(cand_score - 1e9 * ends.float(), K)[1]
-            run_seq, run_score = torch.gather(cand_seq, 1, keep[:, :, None].expand(-1, -1, max_len)), torch.gather(cand_score - 1e9 * ends.float(), 1, keep)
-            beam_idx = (torch.gather(parent, 1, keep) + torch.arange(B, device=dev)[:, None] * K).view(-1)
-            for c in cache:  # the self-attention cache follows each beam's parent; the cross-attention
+            live = cand_score - 1e9 * ends.float()
+            keep = torch.topk(live, K)[1]
+            run_seq, run_score = take(cand_seq, keep), take(live, keep)
+            beam_idx = (take(parent, keep) + torch.arange(B, device=dev)[:, None] * K).view(-1)  # (B*K,) parents
+            for c in cache:  # the self-attention cache follows each beam's parent; the cross-attention cache
                 c["k"], c["v"] = c["k"].index_select(0, beam_idx), c["v"].index_select(0, beam_idx)
-                # cache ("ck", "cv") needs no reordering: all K beams of a row hold the same encoder K/V
-            # candidates that end join the finished set if they beat its worst member (length-normalized)
-            new_score = cand_score / (cur ** length_penalty)
+                # ("ck", "cv") needs no reordering: the K beams of a row share one copy of the encoder K/V
+            # the candidates that end join the K finished ones if they beat them (length-normalized scores)
             full = fin_done.all(dim=1, keepdim=True) & (early_stopping is True)
-            new_score = new_score - 1e9 * (full | ~improvable | ~(ends & top_k)).float()
-            m_seq, m_score = torch.cat([fin_seq, cand_seq], 1), torch.cat([fin_score, new_score], 1)
-            m_done = torch.cat([fin_done, ends & top_k], 1)
-            best = torch.topk(m_score, K)[1]
-            fin_seq = torch.gather(m_seq, 1, best[:, :, None].expand(-1, -1, max_len))
-            fin_score, fin_done = torch.gather(m_score, 1, best), torch.gather(m_done, 1, best)
-            fin_len = torch.gather(torch.cat([fin_len, torch.full_like(cand_score, cur, dtype=torch.long)], 1), 1, best)
+            new_score = cand_score / (cur ** length_penalty) - 1e9 * (full | ~improvable | ~(ends & top_k)).float()
+            best = torch.topk(torch.cat([fin_score, new_score], 1), K)[1]
+            fin_seq, fin_score = take(torch.cat([fin_seq, cand_seq], 1), best), take(torch.cat([fin_score, new_score], 1), best)
+            fin_done = take(torch.cat([fin_done, ends & top_k], 1), best)
+            fin_len = take(torch.cat([fin_len, torch.full_like(token, cur)], 1), best)
             # HF's stopping heuristic: can the best running beam still beat the worst finished one?
-            best_running = run_score[:, :1] / (cur ** length_penalty) if early_stopping != "never" else run_score[:, :1] / ((max_len - 1) ** length_penalty)
+            length = max_len - 1 if early_stopping == "never" and length_penalty > 0 else cur
             worst = torch.where(fin_done, fin_score.min(dim=1, keepdim=True)[0], torch.tensor(-1e9, device=dev))
-            improvable = improvable & (best_running > worst).any(dim=-1, keepdim=True)
+            improvable = improvable & (run_score[:, :1] / length ** length_penalty > worst).any(dim=-1, keepdim=True)
             if not improvable.any() or (fin_done.all() and early_stopping is True) or ends.all():
                 break
         n = num_return_sequences
