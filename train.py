@@ -18,7 +18,6 @@ import os
 import sys
 import tempfile
 import time
-from collections import Counter
 
 import torch
 import torch.nn.functional as F
@@ -154,6 +153,13 @@ def get_lr(step, cfg):
     return cfg["lr"] * (cfg["min_lr_ratio"] + (1 - cfg["min_lr_ratio"]) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def write_text(text):
+    def write(path):
+        with open(path, "w") as f:
+            f.write(text)
+    return write
+
+
 def atomic_save(write, path):
     """Write through a temporary file in the same folder, then rename: never a half-written file."""
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix="tmp-", suffix="-" + os.path.basename(path))
@@ -213,8 +219,11 @@ def main(argv):
     strategies.apply(model, cfg["strategy"], **options, **init)
     params = strategies.trainable_parameters(model)
     n_train = sum(p.numel() for p in params)
-    decay = [p for p in params if p.dim() >= 2 and p is not model.model.shared.weight and "prefix" not in _name(model, p)]
-    no_decay = [p for p in params if all(p is not q for q in decay)]
+    # weight decay on matrices only: not on biases, LayerNorms, embeddings or prefixes (named_parameters lists the
+    # tied embedding once, as model.shared.weight)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in named if p.dim() >= 2 and not ("shared" in n or "embed" in n or n.startswith("prefix"))]
+    no_decay = [p for n, p in named if all(p is not q for q in decay)]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg["weight_decay"]},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg["lr"], betas=(0.9, cfg["beta2"]),
                                   fused=device.startswith("cuda"))
@@ -234,7 +243,7 @@ def main(argv):
         log = os.path.join(run, "log.jsonl")  # drop lines logged after the checkpoint (a kill between the two)
         if master and os.path.exists(log):
             lines = [x for x in open(log) if json.loads(x)["step"] <= state["step"]]
-            atomic_save(lambda p: open(p, "w").writelines(lines), log)
+            atomic_save(write_text("".join(lines)), log)
     elif os.path.exists(os.path.join(run, "log.jsonl")):
         os.remove(os.path.join(run, "log.jsonl"))  # a fresh start: the old log is stale
     if master:
@@ -245,7 +254,7 @@ def main(argv):
             saved["base"] = cfg["save_base"]
         else:
             saved["splits"]["test"] = len(test_r)
-        atomic_save(lambda p: open(p, "w").write(json.dumps(saved, indent=2)), os.path.join(run, "config.json"))
+        atomic_save(write_text(json.dumps(saved, indent=2)), os.path.join(run, "config.json"))
         print(json.dumps(saved, indent=2))
         print(f"parameters: {model.num_parameters():,} total, {n_train:,} trainable; {len(train_r)} training pairs "
               f"({n_trunc} truncated), {len(val_r)} validation pairs")
@@ -335,10 +344,6 @@ def main(argv):
     if ddp:
         torch.distributed.destroy_process_group()
     return model
-
-
-def _name(model, p):
-    return next(n for n, q in model.named_parameters() if q is p)
 
 
 if __name__ == "__main__":
