@@ -468,7 +468,8 @@ class BART(nn.Module):
         """config.json + model.safetensors in HF's layout (tied copies dropped), loadable by transformers.
         Written into a temporary folder that is renamed into place: never half-written."""
         from safetensors.torch import save_file
-        parent = os.path.dirname(os.path.abspath(out_dir)) or "."
+        parent = os.path.dirname(os.path.abspath(out_dir))
+        os.makedirs(parent, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
         skip = {"lm_head.weight", "model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight"}
         sd = {k: v.detach().contiguous() for k, v in self.state_dict().items() if k not in skip and not k.startswith("prefix.")}

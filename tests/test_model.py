@@ -80,8 +80,8 @@ def test_hf_written_directory_loads_and_ours_loads_in_hf(tmp_path):
     ours = BART.from_pretrained(tmp_path / "hf")
     ids, mask, dec = batch()
     assert (ours(ids, mask, dec) - hf(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits).abs().max() < 1e-5
-    ours.save_pretrained(tmp_path / "back")
-    hf2 = transformers.BartForConditionalGeneration.from_pretrained(tmp_path / "back").eval()
+    ours.save_pretrained(tmp_path / "new" / "back")  # a parent folder that does not exist yet is created
+    hf2 = transformers.BartForConditionalGeneration.from_pretrained(tmp_path / "new" / "back").eval()
     assert (hf2(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits - ours(ids, mask, dec)).abs().max() < 1e-5
 
 
