@@ -235,8 +235,12 @@ def main(argv):
     last = os.path.join(run, "last.pt")
     if os.path.exists(last):
         ck = torch.load(last, map_location=device, weights_only=True)
-        strategies.load_trainable(model, ck["trainable"])
-        optimizer.load_state_dict(ck["optimizer"])
+        try:
+            strategies.load_trainable(model, ck["trainable"])
+            optimizer.load_state_dict(ck["optimizer"])
+        except ValueError as e:  # the run was started with another strategy, other options or an older trainer
+            raise SystemExit(f"{last} does not match this run's trainable parameters ({e}); "
+                             f"start a fresh run: delete {run} or choose another --name") from None
         state.update(ck["state"])
         torch.set_rng_state(ck["rng"])
         print(f"resumed {run} at step {state['step']} (best val loss {state['best_val']:.4f})")

@@ -173,7 +173,8 @@ def test_kill_and_resume_equals_uninterrupted(workspace):
 
 
 def test_bad_input_fails_clearly(workspace, tmp_path):
-    """Unknown key, wrong type, unknown project, too few classes, vocabulary mismatch, unwritable folder."""
+    """Unknown key, wrong type, unknown project, too few classes, vocabulary mismatch, resuming a run with another
+    strategy, unwritable folder."""
     d, _ = workspace
     for argv, msg in [(["--nope=1"], "unknown setting 'nope'"), (["--batch_size=x"], "not a valid int"),
                       (["--strategy=magic"], "unknown strategy 'magic'")]:
@@ -189,6 +190,9 @@ def test_bad_input_fails_clearly(workspace, tmp_path):
     other.save(str(tmp_path / "other.json"))
     with pytest.raises(ValueError, match="tokenizer has"):
         train.main(args(d, name="v", tokenizer=tmp_path / "other.json"))
+    train.main(args(d, name="other", strategy="custom", max_steps=3, eval_interval=3, out_dir=tmp_path / "runs"))
+    with pytest.raises(SystemExit, match="does not match this run's trainable parameters"):  # resume, other strategy
+        train.main(args(d, name="other", strategy="lldb", max_steps=6, eval_interval=3, out_dir=tmp_path / "runs"))
     (tmp_path / "afile").write_text("")  # a folder under a regular file cannot be made, not even by root
     with pytest.raises(SystemExit, match="cannot write the run folder"):
         train.main(args(d, name="x", out_dir=tmp_path / "afile" / "runs"))
