@@ -16,7 +16,9 @@ metrics.json = {"base": M, "customized": M, "decoding": {...}}, written only her
   ids would make `x` and `y` VAR_1 and VAR_2, i.e. no masking at all (abstracted = exact, against Figure 3a);
 - style_cosine: mean cosine of (top-1, reference) in a tf-idf space fit per project on identifier documents
   (`abstract_java.identifiers`) of the reference and generated tests; syntax_valid: share of non-empty top-1 tests
-  that tree-sitter-java parses in `class _ { ... }` without ERROR or MISSING nodes; n: examples scored.
+  that tree-sitter-java parses in `class _ { ... }` without ERROR or MISSING nodes; n: examples scored;
+- perplexity_rotated_source: the perplexity when each target is scored against the NEXT example's source. A model
+  that reads its input does worse here; one equal to `perplexity` ignores its input (a collapsed encoder).
 """
 import argparse, json, math, os, time
 from pathlib import Path
@@ -94,10 +96,13 @@ def model_metrics(rows, name, k=K):
     cos = style_cosines(top1, refs)
     for r, c in zip(rows, cos):
         r[name]["style_cosine"] = c
-    ppl, ppl_mean = perplexity([r[name]["nll"] for r in rows], [r[name]["tokens"] for r in rows])
+    ntok = [r[name]["tokens"] for r in rows]
+    ppl, ppl_mean = perplexity([r[name]["nll"] for r in rows], ntok)
+    rotated = {"perplexity_rotated_source": perplexity([r[name]["nll_rotated"] for r in rows], ntok)[0]} \
+        if all("nll_rotated" in r[name] for r in rows) else {}  # absent in predictions of older versions
     return {"bleu4": bleu4(top1, refs), "perplexity": ppl, **topk_matches(preds, refs, k),
             "style_cosine": float(np.mean(cos)), "syntax_valid": syntax_valid(top1), "n": len(rows),
-            "perplexity_mean_per_example": ppl_mean}
+            "perplexity_mean_per_example": ppl_mean, **rotated}
 
 
 # --- the model side: teacher-forced NLL and beam search, batched by source length ----------------------------
@@ -204,15 +209,27 @@ def score_run(run, limit=None, beams=5, max_new_tokens=None, batch_size=16, devi
         for name, model in zip(MODELS, load_models(run, cfg, tok.get_vocab_size(), device)):
             t0 = time.time()
             nll = target_nll(model, src, tgt, batch_size, device)
+            rot = target_nll(model, src[1:] + src[:1], tgt, batch_size, device)  # each target, the next one's source
             beam = beam_search(model, src, k, beams, max_new_tokens, batch_size, device)
-            for r, (s, n), (seqs, scores) in zip(rows, nll, beam):
-                r[name] = {"predictions": tok.decode_batch(seqs), "scores": scores, "nll": s, "tokens": n}
+            for r, (s, n), (s_rot, _), (seqs, scores) in zip(rows, nll, rot, beam):
+                r[name] = {"predictions": tok.decode_batch(seqs), "scores": scores, "nll": s, "tokens": n,
+                           "nll_rotated": s_rot}
             print(f"{name}: {len(rows)} examples scored in {time.time() - t0:.0f}s")
     metrics = {name: model_metrics(rows, name) for name in MODELS}
     write_atomic(run / "predictions.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     write_atomic(run / "metrics.json", json.dumps({**metrics, "decoding": decoding}, indent=1))
+    log = read_jsonl(run / "log.jsonl") if (run / "log.jsonl").is_file() else []
+    pf = min(log, key=lambda l: l["val_loss"])["pf_s_exact"] if log else 0.0  # compute up to the kept checkpoint
+    cols = ("exact@1", "exact@5", "abstracted@1", "abstracted@5")
+    print(f"\n| {run.name} | BLEU-4 | perplexity | " + " | ".join(cols) + " | trainable | PF-s |\n" + "|---" * 9 + "|")
     for name, m in metrics.items():
-        print(f"{name:>10}: " + "  ".join(f"{k} {v:.4g}" for k, v in m.items() if k[-2:] not in ("@2", "@3", "@4")))
+        cost = f"{cfg.get('trainable_parameters', 0):,} | {pf:.4f}" if name == "customized" else "- | -"
+        print(f"| {name} | {m['bleu4']:.1f} | {m['perplexity']:.3f} | "
+              + " | ".join(f"{100 * m[c]:.1f}%" for c in cols) + f" | {cost} |")
+    if all("perplexity_rotated_source" in m for m in metrics.values()):
+        print("does the model read its input? perplexity with each target scored against another example's source: "
+              + ", ".join(f"{n} {m['perplexity_rotated_source']:.3f} (vs {m['perplexity']:.3f})"
+                          for n, m in metrics.items()))
     return metrics
 
 

@@ -161,10 +161,13 @@ def test_score_run_rescore_report_and_generate(tmp_path, capsys):
     strategies.save_trainable(model, str(run / "best.safetensors"))
     metrics = ev.score_run(run, limit=4, beams=3, max_new_tokens=6, batch_size=3)
     keys = {"bleu4", "perplexity", *(f"{k}@{j}" for k in ("exact", "abstracted") for j in range(1, 6)),
-            "style_cosine", "syntax_valid", "n", "perplexity_mean_per_example"}
+            "style_cosine", "syntax_valid", "n", "perplexity_mean_per_example", "perplexity_rotated_source"}
     saved = json.loads((run / "metrics.json").read_text())
     assert set(saved) == {"base", "customized", "decoding"} and set(saved["base"]) == keys == set(saved["customized"])
     assert saved["decoding"]["num_beams"] == 3 and saved["base"]["n"] == 4 and saved["base"] != saved["customized"]
+    # a random model reads its input, faintly: scoring each target against another example's source moves its
+    # perplexity by ~1e-5 relative, above the ~1e-7 of float32 rounding (a model that ignored it would not move)
+    assert abs(math.log(saved["base"]["perplexity_rotated_source"] / saved["base"]["perplexity"])) > 1e-6
     rows = ev.read_jsonl(run / "predictions.jsonl")
     assert len(rows) == 4 and all(len(r[m]["predictions"]) == 3 == len(r[m]["scores"]) for r in rows for m in ev.MODELS)
     ev.main([str(run), "--rescore", "--limit", "4", "--beams", "3"])  # the same numbers from predictions.jsonl
