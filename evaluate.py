@@ -53,13 +53,14 @@ def perplexity(nll, ntok):
 
 
 def topk_matches(preds, refs, k=K, abstract=lambda code: abstract_java.abstract(code)[0].split()):
-    """preds[i]: the beams of example i, best first -> {"exact@1": share, ..., "abstracted@k": share}."""
+    """preds[i]: the beams of example i, best first -> {"exact@1": share, ..., "abstracted@k": share}. Nothing
+    matches an empty side: an empty beam is no test, and a reference that abstracts to nothing has nothing to match."""
     squeeze = lambda s: "".join(s.split())
     hits = np.zeros((2, len(refs), k), dtype=bool)  # (exact | abstracted, example, beam)
     for i, (beams, ref) in enumerate(zip(preds, refs)):
         ref_abs = abstract(ref)
         for j, p in enumerate(beams[:k]):
-            hits[:, i, j] = squeeze(p) == squeeze(ref), abstract(p) == ref_abs
+            hits[:, i, j] = squeeze(p) == squeeze(ref) != "", abstract(p) == ref_abs != []
     cum = hits.cumsum(axis=2) > 0  # (2, n, k): any of the first j beams
     return {f"{kind}@{j + 1}": float(cum[m, :, j].mean()) for m, kind in enumerate(("exact", "abstracted"))
             for j in range(k)}

@@ -14,6 +14,7 @@ Deliberate deviation (spec §9.3): spans are cut from the file's BYTES with tree
 decoded (UTF-8, else Latin-1), so a non-ASCII character earlier in the file never shifts a span, and no file is
 skipped for its encoding. The released script sliced a Python str with byte columns.
 """
+import re
 import sys
 
 import tree_sitter_java
@@ -22,9 +23,18 @@ from tree_sitter import Language, Parser
 PARSER = Parser(Language(tree_sitter_java.language()))
 
 
+# a literal (kept as it is), a block comment (kept), or a line comment (group 1: its text)
+_LITERAL_OR_COMMENT = re.compile(r'''"""[\s\S]*?"""|"(?:[^"\\\n]|\\.)*"|'(?:[^'\\\n]|\\.)*'|/\*[\s\S]*?\*/|//([^\n\r]*)''')
+
+
 def collapse(text):
-    """All whitespace runs (newlines included) to one space: the one-line form of the corpus strings."""
-    return " ".join(text.split())
+    """The one-line form of the corpus strings: all whitespace runs (newlines included) to one space, after every
+    `// comment` became `/* comment */`. Without that, once the newline is gone a line comment would swallow the
+    code after it (30% of commons-io's tests hold one; BLEU, matching and parsing would see half a test).
+    On a string that is one line already (methods2test's released corpus) the text after `//` was a comment and
+    stays one, so the meaning never changes."""
+    line = lambda m: m[0] if m[1] is None else "/*" + m[1].replace("*/", "* /") + " */"
+    return " ".join(_LITERAL_OR_COMMENT.sub(line, text).split())
 
 
 def decode(data):

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from data.java import invocations, parse_java
+from abstract_java import java_tokens
+from data.java import PARSER, collapse, invocations, parse_java
 from data.mine import MiningError, focal_name, mine, path_key
 
 FIX = Path(__file__).parent / "fixtures" / "java"
@@ -131,6 +132,20 @@ def test_invocations_preorder_with_duplicates():
     classes, err = parse_java(b"class A { void f() { a.b().c(d()); x(); Runnable r = () -> x(); new B(); } }")
     assert not err
     assert invocations(classes[0]["methods"][0]) == ["c", "b", "d", "x", "x"]  # outer call first; `new` is no call
+
+
+def test_collapse_turns_line_comments_into_block_comments():
+    """The one-line form keeps the code after a `//` comment: java_tokens (src2abs's lexer, which drops comments)
+    of the one-line string equal those of the original lines, and tree-sitter parses it without an error."""
+    code = ('@Test void f() {\n  int a = 1; // set "a"\n  String s = "http://x"; /* b // c */\n'
+            "  char q = '/'; g(a); // don't */ stop\n  assertEquals(1, a);\n}")
+    one = collapse(code)
+    assert one == ('@Test void f() { int a = 1; /* set "a" */ String s = "http://x"; /* b // c */ '
+                   "char q = '/'; g(a); /* don't * / stop */ assertEquals(1, a); }")
+    assert java_tokens(one) == java_tokens(code)
+    assert java_tokens(one)[-8:] == ["assertEquals", "(", "1", ",", "a", ")", ";", "}"]
+    assert not PARSER.parse(f"class _ {{ {one} }}".encode()).root_node.has_error
+    assert collapse("a(); // b(); }") == "a(); /* b(); } */"  # already one line: the comment stays a comment
 
 
 def test_bad_input(tmp_path):

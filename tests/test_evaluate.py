@@ -57,15 +57,17 @@ def test_perplexity_is_exp_of_hf_loss(tmp_path, impl):
 
 
 def test_topk_exact_and_abstracted_hand_fixture():
-    refs = [T0, "@Test public void t() { assertNull(x); }", "@Test void a() { b(); }", "@Test void a() { b(); }"]
+    refs = [T0, "@Test public void t() { assertNull(x); }", "@Test void a() { b(); }", "@Test void a() { b(); }",
+            "// one line that is all comment"]  # abstracts to nothing: an empty beam must not match it
     renamed = T0.replace("testFoo", "testFoo2").replace(" f", " g")  # same structure, other names
     preds = [["@Test public void testBar() { int x = 2; }", renamed, T0.replace(" ", "  ").replace("(", " ( ")],
              ["@Test public void t() {assertNull( x );}"],  # whitespace only: exact at 1
              ["int x;", "@Test void a() { b() }"],  # nothing (the second lacks a semicolon)
-             ["x", "x", "x", "x", "@Test void c() { d(); } // other names"]]  # abstracted at 5
+             ["x", "x", "x", "x", "@Test void c() { d(); } // other names"],  # abstracted at 5
+             ["", "/* nothing */", " "]]  # no match: empty beams
     got = ev.topk_matches(preds, refs, k=5)
-    want = {"exact": [1, 1, 2, 2, 2], "abstracted": [1, 2, 2, 2, 3]}  # hits among 4 examples, top-1 ... top-5
-    assert got == {f"{kind}@{j + 1}": n / 4 for kind, ns in want.items() for j, n in enumerate(ns)}
+    want = {"exact": [1, 1, 2, 2, 2], "abstracted": [1, 2, 2, 2, 3]}  # hits among 5 examples, top-1 ... top-5
+    assert got == {f"{kind}@{j + 1}": n / 5 for kind, ns in want.items() for j, n in enumerate(ns)}
     a, b, _ = abstract_java.abstract_pair(renamed, T0)  # why each side alone: in pair mode testFoo2/testFoo and g/f
     assert a != b  # get distinct shared ids (METHOD_1/METHOD_4, VAR_1/VAR_2), so a renamed test would never match
 
