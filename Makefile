@@ -9,7 +9,7 @@ PROJECTS  ?= $(shell awk -F'\t' '$$6=="target"{print $$1}' data/projects.tsv)
 STRATEGIES ?= custom leo lldb prefix
 FOLDS     ?= 0 1 2 3
 ARGS      ?=# extra train.py settings for customization, e.g. ARGS="--lr=1e-3 --patience=10"
-BASE_ARGS ?= --max_steps=800 --eval_interval=50 --patience=100# about 25 min on 2 CPU cores; on a GPU try --max_steps=20000 --patience=6
+BASE_ARGS ?= --max_steps=800 --eval_interval=50 --patience=100# about 20 min on 2 CPU cores; on a GPU try --max_steps=20000 --patience=6
 CORPUS    = data/cache/corpus
 TOKENIZER = data/cache/tokenizer.json
 BASE      = checkpoints/base
