@@ -56,6 +56,28 @@ def test_perplexity_is_exp_of_hf_loss(tmp_path, impl):
     assert ppl_mean == pytest.approx(np.mean([math.exp(hf_loss([s], [t])) for s, t in zip(src, tgt)]), rel=1e-5)
 
 
+def test_rotated_sources_tell_a_model_that_ignores_its_input():
+    """The premise of perplexity_rotated_source: scoring each target against the next example's source leaves the
+    perplexity unchanged (to float32 rounding) iff the decoder cannot see the encoder. Two models: one whose
+    cross-attention reads the encoder, and the same one with every cross-attention value zeroed, so that
+    cross-attention returns out_proj's bias whatever the source (what a collapsed encoder amounts to)."""
+    torch.manual_seed(0)
+    model = BART(BARTConfig(**TINY)).eval()
+    g = torch.Generator().manual_seed(1)
+    rand = lambda n: torch.randint(3, 300, (n,), generator=g).tolist() + [2]
+    src, tgt = [rand(n) for n in (9, 4, 12, 6, 1)], [rand(n) for n in (5, 11, 2, 7, 3)]
+    ppl = lambda s: ev.perplexity(*zip(*ev.target_nll(model, s, tgt, batch_size=2)))[0]
+    with torch.no_grad():
+        for layer in model.model.decoder.layers:
+            layer.encoder_attn.v_proj.weight.normal_(std=1.0)
+    # reads its input: the rotation moves perplexity by ~2e-3 here, far above float32 rounding (~1e-7)
+    assert abs(math.log(ppl(src[1:] + src[:1]) / ppl(src))) > 1e-4
+    with torch.no_grad():
+        for layer in model.model.decoder.layers:
+            layer.encoder_attn.v_proj.weight.zero_(), layer.encoder_attn.v_proj.bias.zero_()
+    assert ppl(src[1:] + src[:1]) == pytest.approx(ppl(src), rel=1e-6)  # ignores it: nothing moves
+
+
 def test_topk_exact_and_abstracted_hand_fixture():
     refs = [T0, "@Test public void t() { assertNull(x); }", "@Test void a() { b(); }", "@Test void a() { b(); }",
             "// one line that is all comment"]  # abstracts to nothing: an empty beam must not match it
