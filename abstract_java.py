@@ -1,7 +1,7 @@
 """src2abs in pure Python: the abstraction behind the paper's "abstracted match" metric (§3.3), plus the Java
 lexer and identifier extractor used for BLEU-4 and the coding-style metric (§3.3, Figure 3b).
 
-Implements ../shared/specs/src2abs.md (section and quirk ids Q1-Q13 are cited inline). Pipeline per input:
+Implements docs/src2abs.md (section and quirk ids Q1-Q13 are cited inline). Pipeline per input:
 preprocess (comment and annotation removal, §3) -> a parser pass that only yields the TYPES and METHODS
 string sets (§5, tree-sitter standing in for JavaParser 3.5.6) -> a Java 7 lexer with ANTLR 4.5.3 semantics
 (§4) -> identifier chains, the six classification rules, seven counters (§6-8).

@@ -48,7 +48,7 @@ def _plan(c, strategy, prefix_len=None, **o):
 
 
 def blocks(c):
-    """Building blocks of Table 1 (spec §10): a linear layer has i*o weights + o biases, a LayerNorm 2d."""
+    """Building blocks of Table 1 (docs/checkpoints.md §10): a linear layer has i*o weights + o biases, a LayerNorm 2d."""
     d, V, lin = c.d_model, c.vocab_size, lambda i, o: i * o + o
     attn, enc_ffn, dec_ffn = 4 * lin(d, d), lin(d, c.encoder_ffn_dim) + lin(c.encoder_ffn_dim, d), \
         lin(d, c.decoder_ffn_dim) + lin(c.decoder_ffn_dim, d)

@@ -1,6 +1,6 @@
 """Benchmark of abstract_java.abstract (the src2abs abstraction behind the §3.3 abstracted-match metric) on
 real methods: every method declaration of the .java files under a folder (sorted paths, first N methods,
-annotations included, javadoc not), abstracted one by one on one core. Goal of issue 7: 10,000 methods <= 10 s.
+annotations included, javadoc not), abstracted one by one on one core. Goal: 10,000 methods in <= 10 s.
 
     python bench/bench_abstract.py DIR [--n 10000]
 """

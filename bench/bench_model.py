@@ -1,5 +1,5 @@
 """
-Benchmark of model.py against HF transformers on the same weights (paper §2.1 model; issue: foundation).
+Benchmark of model.py against HF transformers on the same weights (paper §2.1 model).
 CPU, `tiny` preset (or --preset), fp32: training step time (forward + backward) and beam-5 generation tokens/s.
 Goals: our step <= 0.8x HF's time; our generation >= 2x HF's throughput. Run: `make bench` or
 `python bench/bench_model.py [--preset tiny] [--batch 8] [--src 256] [--tgt 128]`.

@@ -2,7 +2,7 @@
 GPU benchmark of the customization strategies at the paper's scale (§2.2-2.6; compute as in §3.4 / Figure 4):
 bart-large (406M), bf16 autocast, batch 8, source 512, target 128, AdamW. Per strategy: step time (forward +
 backward + optimizer step), the autograd-exact FLOPs of flops.step_flops, achieved TFLOP/s and peak training memory
-(torch.cuda.max_memory_allocated: weights + gradients + Adam moments + activations + workspace). Goals (issue 4):
+(torch.cuda.max_memory_allocated: weights + gradients + Adam moments + activations + workspace). Goals:
 peak memory of lldb <= 0.3x and of prefix <= 0.6x that of custom. Runs in about a minute; budget < 4 minutes.
 
     PYTHONPATH=. python bench/gpu_strategies.py [--attn sdpa|triton|math] [--batch 8] [--src 512] [--tgt 128]

@@ -5,7 +5,7 @@
     python -m data.fetch /path/to/checkout    # a local checkout: mined as project `checkout`
     python -m data.fetch --role base          # only the base (or target) projects
 
-How a project is fetched (specs/methods2test.md §10), first that applies:
+How a project is fetched (../docs/methods2test.md §10), first that applies:
   1. a Debian source package, with apt's own tools under a PRIVATE apt configuration in data/cache/apt/
      whose deb-src entries are derived from the system's configured Debian sources (/etc/apt is only read,
      and no mirror host name is written into the repository);

@@ -1,4 +1,4 @@
-"""Parse one Java file into methods2test's Class / Method / field dicts (§3.1 Dataset; specs/methods2test.md §4).
+"""Parse one Java file into methods2test's Class / Method / field dicts (§3.1 Dataset; ../docs/methods2test.md §4).
 
 This is our rewrite of methods2test's `scripts/TestParser.py` on the modern tree-sitter API:
 `Parser(Language(tree_sitter_java.language()))`. Used by data/mine.py; try it on one file with
@@ -10,9 +10,9 @@ nested classes such as JUnit 5 `@Nested` are ignored), and only the methods and 
 children of such a class body. A test case is a method whose modifiers contain the substring `@Test` (so
 `@TestFactory` counts and `@ParameterizedTest` does not).
 
-Deliberate deviation (spec §9.3): spans are cut from the file's BYTES with tree-sitter's byte offsets and then
-decoded (UTF-8, else Latin-1), so a non-ASCII character earlier in the file never shifts a span, and no file is
-skipped for its encoding. The released script sliced a Python str with byte columns.
+Deliberate deviation (../docs/methods2test.md §9.3): spans are cut from the file's BYTES with tree-sitter's byte
+offsets and then decoded (UTF-8, else Latin-1), so a non-ASCII character earlier in the file never shifts a span,
+and no file is skipped for its encoding. The released script sliced a Python str with byte columns.
 """
 import re
 import sys

@@ -3,7 +3,7 @@
     python -m data.methods2test PATH --out FILE.jsonl [--repo REPO_ID]
 
 For a user who has the real data (github.com/microsoft/methods2test; its files are Git LFS objects, which we
-could not inspect, see specs/methods2test.md). Two layouts are read, from a folder or straight from a
+could not inspect, see ../docs/methods2test.md §6-§7). Two layouts are read, from a folder or straight from a
 .tar / .tar.bz2 archive:
   - dataset: `<repo_id>/<repo_id>_<n>.json`, one mapped test case each, with the five keys focal_class,
     focal_method, test_class, test_case, repository. We rebuild the five src_* strings from them

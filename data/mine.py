@@ -2,13 +2,13 @@
 
     python -m data.mine DIR --project NAME --out FILE.jsonl [--strict]
 
-Rules: specs/methods2test.md §2-§7; our deviations (§9), all on by default, `--strict` turns 1 and 2 off:
+Rules: ../docs/methods2test.md §2-§7; our deviations (§9), all on by default, `--strict` turns 1 and 2 off:
   1. paths get a leading "/" before the path rule, so a root-level Maven layout (src/test -> src/main) maps;
   2. FooTests / FooTestCase(s) / FooIT name Foo too, and when no path matches, the test class falls back to a
      non-test Foo.java by file name (same folder under src/main, else same package, else the only one);
   3. byte slicing with a UTF-8/Latin-1 decode (data/java.py);
   4. test names are normalised by deleting every "test" (methods2test's code, not its README).
-One record per mapped test case (DESIGN.md "Record"): id, project, src (= src_fm_fc_ms_ff), tgt, the five
+One record per mapped test case (../docs/design.md "Record"): id, project, src (= src_fm_fc_ms_ff), tgt, the five
 src_* strings, and methods2test's focal_class / focal_method / test_class / test_case / repository.
 Identical (src, tgt) pairs within the project are kept once.
 """
@@ -83,7 +83,7 @@ def find_focal_file(test_path, test_bytes, by_key, by_name, strict):
 
 
 def find_focal_method(test, focal_classes):
-    """(focal class, focal method, rule) for one test case (spec §5), or None."""
+    """(focal class, focal method, rule) for one test case (../docs/methods2test.md §5), or None."""
     first = {}  # lower-cased name -> first declared (class, method); overloads: the first wins
     for c in focal_classes:
         for m in c["methods"]:
@@ -99,7 +99,7 @@ def find_focal_method(test, focal_classes):
 
 
 def corpus_strings(fc, fm):
-    """The five focal-context levels of spec §7: a one-line pseudo-class `Name { FM [CO] [MS] [FF] }`."""
+    """The five focal-context levels (../docs/methods2test.md §7): one-line pseudo-class `Name { FM [CO] [MS] [FF] }`."""
     fm_s = collapse(fm["body"])
     co = [collapse(m["full_signature"]) + ";" for m in fc["methods"] if m["constructor"]]
     ms = [collapse(m["full_signature"]) + ";" for m in fc["methods"] if not m["constructor"] and "public" in m["modifiers"]]

@@ -1,4 +1,4 @@
-"""Tests of abstract_java.py against ../shared/specs/src2abs.md: every worked example of its section 13 (outputs
+"""Tests of abstract_java.py against ../docs/src2abs.md: every worked example of its section 13 (outputs
 of the original tool, so compat=True; the clean-mode difference asserted for the Q1/Q2 ones), hand-derived
 cases for each classification rule, counter, lexer rule and quirk, and hypothesis properties.
 The original tool cannot run here (its JVM dependencies are not reachable), so agreement on real methods is

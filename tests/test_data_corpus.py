@@ -3,7 +3,8 @@
     .venv/bin/python -m pytest tests/test_data_corpus.py -q
 
 References: BART/RoBERTa's special ids (<s>=0, <pad>=1, </s>=2, <unk>=3), the methods2test layouts of
-specs/methods2test.md §6-§7, its §10 recipe for Debian sources, and issue 3's pinned list. Nothing here touches
+../docs/methods2test.md §6-§7, its §10 recipe for Debian sources, and the pinned project list (38 Debian bookworm
+source packages in data/projects.tsv, 4-6 targets, no sibling of a target in the base). Nothing here touches
 the network: the Debian fetch is exercised on a hand-made source package (an .orig tarball and its .dsc).
 """
 import hashlib

@@ -2,7 +2,7 @@
 
     .venv/bin/python -m pytest tests/test_data_mine.py -q
 
-The reference is specs/methods2test.md: every expected value below was worked out by hand from its rules for the
+The reference is ../docs/methods2test.md: every expected value below was worked out by hand from its rules for the
 fixtures in tests/fixtures/java/rules/ (one file per rule or deviation), and the commons-io test compares with the
 spec's worked record field for field (it skips when data/cache/ lacks the package: `python -m data.fetch commons-io`).
 """
@@ -54,7 +54,7 @@ def test_test_named_after_class_maps_to_first_constructor(rules):
     fm = rules[0][("CalcTest", "testCalc")]["focal_method"]
     assert (fm["identifier"], fm["parameters"], fm["constructor"]) == ("Calc", "()", True)
     assert (fm["signature"], fm["full_signature"], fm["return"]) == (" Calc()", "public  Calc()", "")
-    assert fm["invocations"] == []  # methods2test never collects a constructor's calls (spec §4)
+    assert fm["invocations"] == []  # methods2test never collects a constructor's calls (../docs/methods2test.md §4)
 
 
 def test_unique_call_and_name_normalisation(rules):

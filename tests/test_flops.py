@@ -1,6 +1,6 @@
 """
 flops.py against outside references (paper §3.4, Table 1): parameter counts against the spec's exact Table 1
-numbers (../shared/specs/bart-checkpoints.md §10) and against sum(p.numel()) of every preset built on the meta
+numbers (../docs/checkpoints.md §10) and against sum(p.numel()) of every preset built on the meta
 device with each strategy applied; the autograd-exact FLOP count against torch.utils.flop_counter.FlopCounterMode
 measured on a real forward + backward step (math attention path) for each strategy on two configs; both
 conventions against closed forms written out by hand.
@@ -24,7 +24,7 @@ CASES = [("custom", {}), ("leo", {}), ("leo", dict(layernorm=True, logits_bias=T
 
 def test_table1_exact_counts_for_bart_large():
     c = config_from_preset("bart-large")
-    # spec §10 (the paper's Table 1: 406M, 53M, 17M, 10M of 416M), §8 (LoRA), §10 (Li & Liang MLP, mid 800)
+    # ../docs/checkpoints.md §10 (Table 1: 406M, 53M, 17M, 10M of 416M), §8 (LoRA), §10 (Li & Liang MLP, mid 800)
     assert flops.param_counts(c, "custom") == (406_291_456, 406_291_456)
     assert flops.param_counts(c, "leo") == (53_572_608, 406_291_456)
     assert flops.param_counts(c, "leo", layernorm=True)[0] == 53_576_704
@@ -109,7 +109,7 @@ def test_both_conventions_against_closed_forms():
     assert lldb["act_grad"] == 2 * T * d * V + 2 * T * (3 * d * d + 2 * d * Fd) + 4 * (2 * T * T * d + 2 * T * S * d)
     assert lldb["forward"] == fwd
     # paper: 2N per token (encoder layers on source tokens, decoder layers and the output layer on target tokens)
-    n_enc, n_dec, n_out = 12 * 12_596_224, 12 * 16_796_672, 51_471_360  # spec §10 building blocks
+    n_enc, n_dec, n_out = 12 * 12_596_224, 12 * 16_796_672, 51_471_360  # ../docs/checkpoints.md §10 building blocks
     paper_fwd = 2 * (n_enc * S + (n_dec + n_out) * T)
     assert custom["paper"]["forward"] == paper_fwd and custom["paper"]["total"] == 3 * paper_fwd
     lldb_p = flops.step_flops(c, "lldb", S, T)["paper"]

@@ -3,7 +3,7 @@ Tests for kernels/attention.py, the fused prefix attention, against the `math` a
 (model.attention_math) in float64. On CPU the kernels run in Triton's interpreter (tests/conftest.py sets
 TRITON_INTERPRET=1), so shapes are tiny and odd: lengths 1, 15, 17, 33 against tiles of 16.
 
-Tolerances (../shared/specs/attention-kernel.md §10): fp32 (dot precision "ieee") max-abs 1e-5 on outputs and
+Tolerances (../docs/attention-kernel.md §10): fp32 (dot precision "ieee") max-abs 1e-5 on outputs and
 2e-5 on gradients; fp16 and bf16 by flash-attention's rule: the kernel's error is at most 2x (outputs) / 3x
 (gradients) the error of PyTorch's own computation in that dtype, both against float64.
 

@@ -86,7 +86,7 @@ def test_hf_written_directory_loads_and_ours_loads_in_hf(tmp_path):
 
 
 def fairseq_state(ours, legacy):
-    """Build a fairseq-layout state dict from our weights (spec §2 table, read in reverse)."""
+    """Build a fairseq-layout state dict from our weights (../docs/checkpoints.md §2 table, read in reverse)."""
     sd = {}
     for k, v in ours.state_dict().items():
         if k in ("lm_head.weight", "final_logits_bias") or ".embed_tokens." in k:
@@ -166,7 +166,7 @@ def test_generate_matches_hf(tmp_path, beams):
 
 @pytest.mark.parametrize("name,count", [("bart-large", 406_291_456), ("bart-base", 139_420_416)])
 def test_preset_parameter_counts(name, count):
-    """Presets built on the meta device have the published parameter counts (spec §10)."""
+    """Presets built on the meta device have the published parameter counts (../docs/checkpoints.md §10)."""
     with torch.device("meta"):
         assert BART(config_from_preset(name)).num_parameters() == count
 
