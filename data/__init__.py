@@ -17,16 +17,34 @@ Public API for train.py / evaluate.py:
     DEFAULT_TARGET, DEFAULT_BASE, TARGETS         # the `make train` defaults and the target list
     data.tokenizer.load_tokenizer(path), data.tokenizer.encode_pairs(tok, records, max_src, max_tgt)
     data.methods2test.read_methods2test(path)     # records from the published dataset/corpus JSON
-A record (DESIGN.md): id, project, src (= src_fm_fc_ms_ff), tgt, src_fm ... src_fm_fc_ms_ff, and methods2test's
+A record (../docs/design.md): id, project, src (= src_fm_fc_ms_ff), tgt, src_fm ... src_fm_fc_ms_ff, and methods2test's
 focal_class, focal_method, test_class, test_case, repository.
 """
 import hashlib
 import json
+import os
+import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 CACHE = HERE / "cache"  # git-ignored: unpacked sources, mined corpora, tokenizer
 PROJECTS_TSV = HERE / "projects.tsv"
+
+
+def atomic_write(path, content):
+    """Write `content` (a str, or a function that writes the file at the path it is given) through a temporary
+    file in the same folder, then rename it into place: a reader never sees half a file, a kill leaves none."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-", suffix="-" + os.path.basename(path))
+    os.close(fd)
+    try:
+        if isinstance(content, str):
+            Path(tmp).write_text(content, encoding="utf-8")
+        else:
+            content(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def read_projects(path=PROJECTS_TSV):
@@ -41,6 +59,7 @@ def read_projects(path=PROJECTS_TSV):
 # different domains (RPC, logging, assertions, charts, a web server), with median sources of 200-350 tokens,
 # small enough for a CPU run of the whole pipeline. All 33 base projects (20,933 pairs) are one variable away
 # (`python -m data.tokenizer --all-base`, BASE=... in the Makefile).
+FOCAL_CONTEXTS = ("fm", "fm_fc", "fm_fc_co", "fm_fc_ms", "fm_fc_ms_ff")  # methods2test's levels: record["src_" + level]
 DEFAULT_TARGET = "commons-io"
 DEFAULT_BASE = ["grpc-java", "log4j2", "truth", "jfreechart", "tomcat9"]
 TARGETS = [r["name"] for r in read_projects() if r["role"] == "target"]
@@ -111,3 +130,50 @@ def folds(records, fold, k=4, seed=0, val_fraction=0.1):
     for r in records:
         out[split(r)].append(r)
     return out["train"], out["val"], out["test"]
+
+
+def holdout(records, fraction=0.05, seed=0):
+    """(train, val) for the base: about `fraction` of the records held out for validation, whole test classes,
+    chosen in a seeded hash order (the base has no test fold: its projects are never scored)."""
+    group = lambda r: f"{r['project']}:{r['test_class']['file']}:{r['test_class']['identifier']}"
+    sizes = {}
+    for r in records:
+        sizes[group(r)] = sizes.get(group(r), 0) + 1
+    if len(sizes) < 2:
+        raise ValueError(f"the base corpus has {len(sizes)} test class(es); it needs two to hold one out for validation")
+    held, n = set(), 0
+    for g in sorted(sizes, key=lambda g: _h(f"holdout{seed}", g)):
+        if n < fraction * len(records) and len(held) < len(sizes) - 1:
+            held.add(g)
+            n += sizes[g]
+    return [r for r in records if group(r) not in held], [r for r in records if group(r) in held]
+
+
+def other_class_partners(records):
+    """For each record, the index of a record of ANOTHER focal class OF THE SAME PROJECT where the project has two
+    (else of another project): the source it is scored against when measuring whether a model reads its input
+    (`source_gain`, docs/source-gain.md). The same project, so that the check measures reading the focal method,
+    not recognising which project a source comes from (the base's validation mixes projects; a target's test fold
+    has one). Within a project, records are ordered by focal class (seeded hash order) and each is paired with the
+    one half-way round, skipping forward past its own class: a neighbour of the same class (folds keep test
+    classes together) is never the partner. Records of one focal class only (a small project's validation split):
+    the partner is a record of another focal method of that class."""
+    key = lambda r: f"{r['project']}:{r['focal_class']['file']}:{r['focal_class']['identifier']}"
+    keys = [key(r) for r in records]
+    if len(set(keys)) < 2:
+        keys = [r.get("src_fm", r["src"]) for r in records]  # the focal method itself
+    if len(set(keys)) < 2:
+        raise ValueError(f"source_gain needs records of at least two focal methods, got {len(set(keys))} "
+                         f"({len(records)} records): the split is too small to tell whether a model reads its input")
+    by_project = {}
+    for i, r in enumerate(records):
+        by_project.setdefault(r["project"], []).append(i)
+    partner = [0] * len(records)
+    for members in by_project.values():
+        pool = members if len({keys[i] for i in members}) > 1 else range(len(records))  # one class: other projects
+        order = sorted(pool, key=lambda i: (_h(0, keys[i]), i))
+        pos, n = {i: p for p, i in enumerate(order)}, len(order)
+        for i in members:
+            partner[i] = next(order[(pos.get(i, 0) + n // 2 + s) % n] for s in range(n)
+                              if keys[order[(pos.get(i, 0) + n // 2 + s) % n]] != keys[i])
+    return partner

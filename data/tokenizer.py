@@ -20,8 +20,9 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-SPECIALS = ["<s>", "<pad>", "</s>", "<unk>"]  # ids 0, 1, 2, 3, as in BART's vocab.json
+SPECIALS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]  # ids 0-3 as in BART's vocab.json; <mask>: 4 here, 50264 there
 BOS, PAD, EOS, UNK = 0, 1, 2, 3
+SPECIAL_IDS = (BOS, PAD, EOS, UNK)  # <mask> (data/denoise.py) is looked up by name: its id depends on the vocabulary
 
 
 def _pipeline(tok):
@@ -31,6 +32,14 @@ def _pipeline(tok):
     tok.post_processor = processors.RobertaProcessing(("</s>", EOS), ("<s>", BOS))  # <s> A </s>
     for name, i in zip(SPECIALS, range(4)):
         assert tok.token_to_id(name) == i, f"special token {name} must have id {i}, has {tok.token_to_id(name)}"
+    return tok
+
+
+def check_mask(tok, path):
+    """The denoising stage needs <mask>; tokenizers built before it existed lack it: refuse them by name."""
+    if tok.token_to_id("<mask>") is None:
+        raise ValueError(f"{path}: this tokenizer has no <mask> token (it was built by an older version of data/); "
+                         f"delete it and rebuild it with `make data/cache/tokenizer.json`, then retrain the base")
     return tok
 
 
@@ -48,13 +57,16 @@ def load_tokenizer(path):
     """tokenizer.json (ours), or a folder holding vocab.json + merges.txt (AthenaTest / BART / RoBERTa)."""
     p = Path(path)
     if p.is_dir() and (p / "vocab.json").exists() and (p / "merges.txt").exists():
-        return _pipeline(Tokenizer(models.BPE.from_file(str(p / "vocab.json"), str(p / "merges.txt"), unk_token="<unk>")))
+        tok = Tokenizer(models.BPE.from_file(str(p / "vocab.json"), str(p / "merges.txt"), unk_token="<unk>"))
+        # as BART's tokenizer: the specials are whole tokens, dropped by decode (only those the vocabulary has)
+        tok.add_special_tokens([t for t in SPECIALS if tok.token_to_id(t) is not None])
+        return check_mask(_pipeline(tok), path)
     if p.is_dir() and (p / "tokenizer.json").exists():
         p = p / "tokenizer.json"
     if not p.is_file():
         raise FileNotFoundError(f"no tokenizer at {path}: expected tokenizer.json or a folder with vocab.json + "
                                 "merges.txt; build ours with `make data/cache/tokenizer.json`")
-    return _pipeline(Tokenizer.from_file(str(p)))
+    return check_mask(_pipeline(Tokenizer.from_file(str(p))), path)
 
 
 def _cut(ids, n):
