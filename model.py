@@ -4,7 +4,7 @@ BART, the encoder-decoder behind AthenaTest, in one file (paper §2.1 and Figure
 Reads bottom-up: config and presets -> attention (the `math` reference beside `sdpa` and the Triton kernel)
 -> encoder layer -> decoder layer -> the model (embeddings, encoder, decoder, tied output layer) -> beam
 search -> loading and saving HF directories and fairseq checkpoints. Module and tensor names follow the HF
-`BartForConditionalGeneration` checkpoint, so loading is a key-for-key copy (../shared/specs/bart-checkpoints.md).
+`BartForConditionalGeneration` checkpoint, so loading is a key-for-key copy (docs/checkpoints.md).
 
     from model import BART
     model = BART.from_pretrained("path/to/hf_dir_or_fairseq.pt")
@@ -58,7 +58,7 @@ PRESETS = {
     "bart-base": dict(d_model=768, encoder_layers=6, decoder_layers=6, encoder_attention_heads=12,
                       decoder_attention_heads=12, encoder_ffn_dim=3072, decoder_ffn_dim=3072),  # 139,420,416
     # CPU preset, sized so `make train STRATEGY=lldb` fits in 30 minutes on 2 cores: head dim 64 as in BART,
-    # vocabulary of the byte-level BPE that data/ trains on the base projects. 7,389,184 parameters.
+    # vocabulary of the byte-level BPE that data/ trains on the base projects. 7,890,944 parameters.
     "tiny": dict(vocab_size=8192, d_model=256, encoder_layers=3, decoder_layers=3, encoder_attention_heads=4,
                  decoder_attention_heads=4, encoder_ffn_dim=1024, decoder_ffn_dim=1024, max_position_embeddings=512),
 }
@@ -161,6 +161,7 @@ class Attention(nn.Module):
         q = self.split_heads(self.q_proj(x))  # (B, H, T, hd)
         pk, pv = prefix if prefix is not None else (None, None)
         p = self.config.attention_dropout if self.training else 0.0
+        causal = causal and T > 1  # lower-right causal: one query (a KV-cached step) sees every key, no mask needed
         y = ATTENTION[self.config.attn_impl](q, k, v, key_padding_mask=key_padding_mask, causal=causal,
                                              prefix_k=pk, prefix_v=pv, prefix_index=prefix_index, dropout_p=p)
         return self.out_proj(y.transpose(1, 2).reshape(B, T, C))  # (B, H, T, hd) -> (B, T, C)
@@ -345,21 +346,26 @@ class BART(nn.Module):
         return self.model.encoder(input_ids, attention_mask.bool(), sites.get("encoder"), index)
 
     def decode(self, decoder_input_ids, enc, attention_mask, prefix=None, cache=None, decoder_attention_mask=None,
-               beams=1):
+               beams=1, logits_at=None):
         """Decoder + output layer. With beams > 1, decoder_input_ids has B*beams rows (beam-major within each
-        input) while enc and attention_mask keep B rows; a prefix_index then has B*beams entries."""
+        input) while enc and attention_mask keep B rows; a prefix_index then has B*beams entries. logits_at: a
+        boolean (B, T) mask: the output layer runs on those positions only -> (N, V) (training skips the pads)."""
         sites, index = self.resolve_prefix(prefix)
         dec_mask = decoder_attention_mask.bool() if decoder_attention_mask is not None else None
         x = self.model.decoder(decoder_input_ids, enc, attention_mask.bool(), dec_mask, sites.get("decoder"),
                                sites.get("cross"), index, cache, beams)
-        return self.lm_head(x) + self.final_logits_bias  # (B, T, V)
+        x = x[logits_at] if logits_at is not None else x  # (B, T, C) -> (N, C)
+        return self.lm_head(x) + self.final_logits_bias  # (B, T, V) or (N, V)
 
-    def forward(self, input_ids, attention_mask, decoder_input_ids, prefix=None, decoder_attention_mask=None):
+    def forward(self, input_ids, attention_mask, decoder_input_ids, prefix=None, decoder_attention_mask=None,
+                logits_at=None):
         """input_ids (B, S), attention_mask (B, S) with 1 for real tokens, decoder_input_ids (B, T) starting with
-        the decoder start token (labels shifted right) -> logits (B, T, V)."""
+        the decoder start token (labels shifted right) -> logits (B, T, V), or (N, V) at the N positions of the
+        boolean mask logits_at (B, T)."""
         prefix = self.resolve_prefix(prefix)  # resolve once: the prefix module's MLP (if any) runs once
         enc = self.encode(input_ids, attention_mask, prefix)
-        return self.decode(decoder_input_ids, enc, attention_mask, prefix, None, decoder_attention_mask)
+        return self.decode(decoder_input_ids, enc, attention_mask, prefix, None, decoder_attention_mask,
+                           logits_at=logits_at)
 
     # -------------------------------------------------------------------------
     # generation: beam search with HF's semantics (transformers 5.x `_beam_search`), KV-cached
@@ -374,7 +380,6 @@ class BART(nn.Module):
         assert 1 <= num_return_sequences <= num_beams, "need 1 <= num_return_sequences <= num_beams"
         B, K, dev = input_ids.shape[0], num_beams, input_ids.device
         sites, index = self.resolve_prefix(prefix)
-        prefix = (sites, index.repeat_interleave(K)) if index is not None else sites  # beams share their row's prefix
         enc = self.encode(input_ids, attention_mask, prefix=(sites, index))  # (B, S, C): shared by the K beams
         cache = [dict() for _ in range(cfg.decoder_layers)]
         max_len = 1 + max_new_tokens
@@ -386,27 +391,31 @@ class BART(nn.Module):
         fin_len = torch.zeros(B, K, dtype=torch.long, device=dev)
         fin_done = torch.zeros(B, K, dtype=torch.bool, device=dev)
         improvable = torch.ones(B, 1, dtype=torch.bool, device=dev)
+        out_seq, out_score, out_len = fin_seq.clone(), fin_score.clone(), fin_len.clone()  # inputs that are done
+        alive = torch.arange(B, device=dev)  # the inputs still searched, by their row in the batch
         top_k = torch.arange(2 * K, device=dev) < K  # only EOS among the best K candidates may finish a beam
         take = lambda x, idx: torch.gather(x, 1, idx if x.dim() == 2 else idx[:, :, None].expand(-1, -1, x.shape[2]))
         for cur in range(1, max_len):
-            step_ids = run_seq[:, :, cur - 1].reshape(B * K, 1)  # the last token of every running beam
-            logits = self.decode(step_ids, enc, attention_mask, prefix, cache, beams=K)[:, -1].float()  # (B*K, V)
+            Ba = alive.numel()
+            step_ids = run_seq[:, :, cur - 1].reshape(Ba * K, 1)  # the last token of every running beam
+            beams_prefix = (sites, index.repeat_interleave(K)) if index is not None else sites  # beams share it
+            logits = self.decode(step_ids, enc, attention_mask, beams_prefix, cache, beams=K)[:, -1].float()  # (Ba*K, V)
             logp = F.log_softmax(logits, dim=-1)
             if cfg.forced_bos_token_id is not None and cur == 1:  # only <s> may come first
                 logp = torch.full_like(logp, float("-inf"))
                 logp[:, cfg.forced_bos_token_id] = 0.0
             V = logp.shape[-1]
-            cand = (logp.view(B, K, V) + run_score[:, :, None]).view(B, K * V)
-            cand_score, cand_idx = torch.topk(cand, 2 * K)  # (B, 2K): 2K, so that K can go on after EOS
+            cand = (logp.view(Ba, K, V) + run_score[:, :, None]).view(Ba, K * V)
+            cand_score, cand_idx = torch.topk(cand, 2 * K)  # (Ba, 2K): 2K, so that K can go on after EOS
             parent, token = cand_idx // V, cand_idx % V
-            cand_seq = take(run_seq, parent).clone()  # (B, 2K, max_len)
+            cand_seq = take(run_seq, parent).clone()  # (Ba, 2K, max_len)
             cand_seq[:, :, cur] = token
             ends = (token == cfg.eos_token_id) | (cur == max_len - 1)  # EOS, or out of room
             # the K best candidates that do not end keep running
             live = cand_score - 1e9 * ends.float()
             keep = torch.topk(live, K)[1]
             run_seq, run_score = take(cand_seq, keep), take(live, keep)
-            beam_idx = (take(parent, keep) + torch.arange(B, device=dev)[:, None] * K).view(-1)  # (B*K,) parents
+            beam_idx = (take(parent, keep) + torch.arange(Ba, device=dev)[:, None] * K).view(-1)  # (Ba*K,) parents
             for c in cache:  # the self-attention cache follows each beam's parent; the cross-attention cache
                 c["k"], c["v"] = c["k"].index_select(0, beam_idx), c["v"].index_select(0, beam_idx)
                 # ("ck", "cv") needs no reordering: the K beams of a row share one copy of the encoder K/V
@@ -421,11 +430,24 @@ class BART(nn.Module):
             length = max_len - 1 if early_stopping == "never" and length_penalty > 0 else cur
             worst = torch.where(fin_done, fin_score.min(dim=1, keepdim=True)[0], torch.tensor(-1e9, device=dev))
             improvable = improvable & (run_score[:, :1] / length ** length_penalty > worst).any(dim=-1, keepdim=True)
-            if not improvable.any() or (fin_done.all() and early_stopping is True) or ends.all():
-                break
+            # an input whose search is over (HF would keep running it and ignore the result) leaves the batch
+            done = ~improvable[:, 0] | (fin_done.all(dim=1) & (early_stopping is True)) | ends.all(dim=1)
+            if done.any():
+                out_seq[alive[done]], out_score[alive[done]], out_len[alive[done]] = fin_seq[done], fin_score[done], fin_len[done]
+                if done.all():
+                    break
+                rows, beam_rows = (~done).nonzero()[:, 0], (~done).repeat_interleave(K).nonzero()[:, 0]
+                alive, enc, attention_mask = alive[rows], enc[rows], attention_mask[rows]
+                run_seq, run_score, fin_seq, fin_score = run_seq[rows], run_score[rows], fin_seq[rows], fin_score[rows]
+                fin_len, fin_done, improvable = fin_len[rows], fin_done[rows], improvable[rows]
+                index = index[rows] if index is not None else None
+                for c in cache:
+                    c["k"], c["v"], c["ck"], c["cv"] = c["k"][beam_rows], c["v"][beam_rows], c["ck"][rows], c["cv"][rows]
+        else:  # max_new_tokens = 0: nothing ran
+            out_seq[alive], out_score[alive], out_len[alive] = fin_seq, fin_score, fin_len
         n = num_return_sequences
-        seqs, scores = fin_seq[:, :n].reshape(B * n, max_len), fin_score[:, :n].reshape(B * n)
-        return seqs[:, : 1 + int(fin_len[:, :n].max())], scores
+        seqs, scores = out_seq[:, :n].reshape(B * n, max_len), out_score[:, :n].reshape(B * n)
+        return seqs[:, : 1 + int(out_len[:, :n].max())], scores
 
     # -------------------------------------------------------------------------
     # loading and saving
