@@ -25,7 +25,11 @@ optimizer step. Two conventions:
 import argparse
 from collections import Counter
 
-SITES = ("encoder", "decoder", "cross")  # as strategies.SITES (not imported: flops.py needs no torch model)
+# The strategies' defaults, stated once here (flops.py needs no torch; strategies.py and train.py import them)
+SITES = ("encoder", "decoder", "cross")  # encoder self-attention, decoder self-attention, decoder cross-attention
+PREFIX_LEN = 200  # P, the paper's prefix length (§2.5)
+LORA_RANK, LORA_ALPHA, LORA_DEFAULT = 8, 16, ("q_proj", "v_proj")  # PEFT's defaults for BART (docs/checkpoints.md §8)
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")  # the linears counted below
 OPTIONS = {"custom": set(), "leo": {"layernorm", "logits_bias"}, "lldb": set(),
            "prefix": {"sites", "mlp_hidden", "init_ids"}, "lora": {"r", "alpha", "targets"}}
 
@@ -39,11 +43,11 @@ def _plan(c, strategy, prefix_len=None, **o):
     if strategy == "lldb" and c.decoder_layers == 0:
         raise ValueError("lldb trains the last decoder block, but this model has no decoder layers")
     E, D, full = c.encoder_layers, c.decoder_layers, strategy == "custom"
-    P = (200 if prefix_len is None else prefix_len) if strategy == "prefix" else 0
+    P = (PREFIX_LEN if prefix_len is None else prefix_len) if strategy == "prefix" else 0
     return dict(emb=full or strategy == "leo", shared=full or strategy == "leo", enc=[full] * E,
                 dec=[full] * (D - 1) + [full or strategy == "lldb"] * min(D, 1),
                 sites=set(o.get("sites", SITES)) if strategy == "prefix" else set(), P=P, mlp=o.get("mlp_hidden", 0),
-                r=o.get("r", 8), lora=set(o.get("targets", ("q_proj", "v_proj"))) if strategy == "lora" else set(),
+                r=o.get("r", LORA_RANK), lora=set(o.get("targets", LORA_DEFAULT)) if strategy == "lora" else set(),
                 layernorm=o.get("layernorm", False), logits_bias=o.get("logits_bias", False))
 
 
@@ -85,22 +89,36 @@ def _exact_example(c, t, S, T):
     as model.py runs it and tracking, like autograd, whether each activation requires grad."""
     d, V, f = c.d_model, c.vocab_size, dict(forward=0, act_grad=0, weight_grad=0)
 
-    def lin(M, i, o, x, w, name):  # M tokens through an i -> o linear; x: input requires grad; w: weight trains
+    def lin(M, i, o, x, w, name):
+        """M tokens through an i -> o linear. x: its input requires grad; w: its weight trains. -> output needs grad."""
         n = 2 * M * i * o
-        f["forward"] += n; f["act_grad"] += n * x; f["weight_grad"] += n * w
+        f["forward"] += n  # Y = X·Wᵀ: 2·M·i·o
+        f["act_grad"] += n * x  # dX = dY·W: 2·M·i·o, if X requires grad
+        f["weight_grad"] += n * w  # dW = dYᵀ·X: 2·M·i·o, if W trains
         if name not in t["lora"]:
             return x or w
-        a, b = 2 * M * i * t["r"], 2 * M * t["r"] * o  # x.A^T then .B^T; A's output requires grad: B passes it back
-        f["forward"] += a + b; f["act_grad"] += a * x + b; f["weight_grad"] += a + b
+        a, b = 2 * M * i * t["r"], 2 * M * t["r"] * o
+        f["forward"] += a + b  # H = X·Aᵀ: 2·M·i·r, then Y += H·Bᵀ: 2·M·r·o (the scale is not a matmul)
+        f["act_grad"] += b  # dH = dY·B: 2·M·r·o (A trains, so H always needs its gradient)
+        f["act_grad"] += a * x  # dX += dH·A: 2·M·i·r, if X requires grad
+        f["weight_grad"] += a + b  # dA = dHᵀ·X: 2·M·i·r; dB = dYᵀ·H: 2·M·r·o
         return True
 
-    def attn(Lq, Lk, P, q, k, v, p):  # p: this site has a trainable prefix of P > 0 keys and values
-        m, kk, vv = 2 * Lq * d, k or p, v or p  # m: one key's share of q.k^T (or of a.v) over all heads
-        f["forward"] += 2 * m * (P + Lk)
-        f["act_grad"] += m * (P + Lk) * (q + (q or kk))  # dq if q requires grad; dA (of a.v) if the scores do
-        for g in (kk, vv):  # dK, dV of the concatenated [prefix; keys], computed whole even if k does not need it
-            f["weight_grad"] += g * m * P  # the prefix rows: the prefix's own weight gradient
-            f["act_grad"] += g * m * Lk
+    def attn(Lq, Lk, P, q, k, v, p):
+        """Lq queries over [P prefix keys; Lk keys], all heads together (H·hd = d). q, k, v: whether Q, K, V require
+        grad; p: this site has a trainable prefix. -> the output requires grad."""
+        kk, vv = k or p, v or p  # the concatenated [prefix; K] and [prefix; V] require grad
+        keys, prefix_rows, key_rows = 2 * Lq * (P + Lk) * d, 2 * Lq * P * d, 2 * Lq * Lk * d
+        f["forward"] += keys  # S = Q·Kᵀ: 2·Lq·(P+Lk)·d
+        f["forward"] += keys  # O = A·V: 2·Lq·(P+Lk)·d
+        f["act_grad"] += keys * q  # dQ = dS·K: 2·Lq·(P+Lk)·d, if Q requires grad
+        f["act_grad"] += keys * (q or kk)  # dA = dO·Vᵀ: 2·Lq·(P+Lk)·d, if the scores require grad
+        # dK = dSᵀ·Q and dV = Aᵀ·dO are computed whole (2·Lq·(P+Lk)·d each) when [prefix; K] / [prefix; V] needs
+        # it: the P prefix rows are the prefix's weight gradient, the Lk key rows an activation gradient
+        f["weight_grad"] += prefix_rows * kk  # dK, prefix rows: 2·Lq·P·d
+        f["act_grad"] += key_rows * kk  # dK, key rows: 2·Lq·Lk·d
+        f["weight_grad"] += prefix_rows * vv  # dV, prefix rows: 2·Lq·P·d
+        f["act_grad"] += key_rows * vv  # dV, key rows: 2·Lq·Lk·d
         return q or kk or vv
 
     x = t["emb"]  # the embedding output requires grad iff an embedding table trains
@@ -133,7 +151,7 @@ def _paper_example(c, t, S, T):
 def step_flops(config, strategy, src_lens, tgt_lens, prefix_len=None, **strategy_options):
     """FLOPs of one training step (forward + backward, no optimizer) on examples of these source and target lengths
     (ints, or one per example) -> {"exact": {forward, act_grad, weight_grad, total}, "paper": {...}}.
-    prefix_len=None: 200 for the prefix strategy (strategies.prefix's default), 0 for the others."""
+    prefix_len=None: PREFIX_LEN for the prefix strategy (strategies.prefix's default), 0 for the others."""
     src = [src_lens] if isinstance(src_lens, int) else list(src_lens)
     tgt = [tgt_lens] if isinstance(tgt_lens, int) else list(tgt_lens)
     if len(src) != len(tgt):
@@ -173,7 +191,13 @@ def main():
     for s, o, paper in rows:
         n, tot = param_counts(c, s, **o)
         print(f"{label(s, o):<26}{n:>13,}{tot:>14,}{100 * n / tot:>7.2f}%{4 * n / 2**20:>10.1f}{2 * n / 2**20:>10.1f}   {paper}")
-    print(f"\nGFLOP per target token (B = {a.batch}, S = {a.src}, T = {a.tgt}, P = 200), exact | paper; PF-s per step "
+    b = blocks(c)  # L-EO: which tensors make the paper's "53M (13%)"? (docs/checkpoints.md §10)
+    emb, pos, ln = b["shared"], b["positions"], 2 * b["layernorm"]
+    print(f"\nL-EO readings: shared embedding {emb:,} | + one position table {emb + pos:,} | + both (C, ours) "
+          f"{emb + 2 * pos:,} | C + layernorm_embedding {emb + 2 * pos + ln:,} | C + final_logits_bias "
+          f"{emb + 2 * pos + b['logits_bias']:,}.\nOn bart-large C = 13.19% of 406M: the paper's 53M (13%) if it "
+          f"truncated; rounded, only '+ one position table' (12.93%) gives 53M. C is the module-level reading.")
+    print(f"\nGFLOP per target token (B = {a.batch}, S = {a.src}, T = {a.tgt}, P = {PREFIX_LEN}), exact | paper; PF-s per step "
           f"and per run of {a.steps} steps, exact / paper")
     print(f"{'strategy':<26}{'fwd':>7}{'act':>7}{'wgt':>7}{'total':>7} |{'fwd':>7}{'act':>7}{'wgt':>7}{'total':>7}"
           f"{'PF-s/step':>16}{'PF-s/run':>14}")

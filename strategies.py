@@ -9,7 +9,7 @@ values per attention site, Li & Liang 2021), and lora (not in the paper: the usu
 
 Frozen weights get requires_grad=False: no gradient, no optimizer state, no autograd graph below the first
 trainable tensor (lldb's trunk). Counts, storage, FLOPs: `python flops.py --model bart-large`. Tests: `pytest
-tests/test_strategies.py`. Spec: ../shared/specs/bart-checkpoints.md §7 (prefix), §10 (counts).
+tests/test_strategies.py`. Spec: docs/checkpoints.md §7 (prefix), §10 (counts).
 """
 import json
 import math
@@ -20,8 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-SITES = ("encoder", "decoder", "cross")  # encoder self-attention, decoder self-attention, decoder cross-attention
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")  # the linears flops.py knows how to count
+from flops import LORA_ALPHA, LORA_DEFAULT, LORA_RANK, LORA_TARGETS, PREFIX_LEN, SITES  # the defaults, once
 
 def _begin(model, name, **options):
     """Freeze everything and record the strategy (json-normalised: it round-trips through a file's metadata)."""
@@ -44,7 +43,7 @@ def custom(model):
     return _report(model)
 
 def leo(model, layernorm=False, logits_bias=False):
-    """Definition C of spec §10: the shared embedding (= both embed_tokens = lm_head) + both position tables.
+    """Definition C (docs/checkpoints.md §10): the shared embedding (= both embed_tokens = lm_head) + both position tables.
     `layernorm` adds both layernorm_embedding (E); `logits_bias` turns the final_logits_bias buffer into a trainable
     Parameter (D). Both stay frozen by default (the bias is zero in every converted fairseq model)."""
     _begin(model, "leo", layernorm=layernorm, logits_bias=logits_bias)
@@ -54,14 +53,7 @@ def leo(model, layernorm=False, logits_bias=False):
         mod.requires_grad_(True)
     if logits_bias:  # nn.Module.__setattr__ turns the buffer into a parameter of the same name
         model.final_logits_bias = nn.Parameter(model.final_logits_bias.detach().clone())
-    emb, pos, V = m.shared.weight.numel(), m.encoder.embed_positions.weight.numel(), m.shared.weight.shape[0]
-    ln, c = 2 * sum(p.numel() for p in m.encoder.layernorm_embedding.parameters()), emb + 2 * pos
-    print(f"leo definitions: shared only {emb:,} | + one position table {emb + pos:,} | + both (C, ours) {c:,} | "
-          f"C + layernorm_embedding {c + ln:,} | C + final_logits_bias {c + V:,}")
-    # bart-large: C = 53,572,608 = 13.19% of 406M; the paper's "53M (13%)" if it truncated. Rounded it would be
-    # 54M, and only "+ one table" (52,521,984, 12.93%) rounds to 53M. C is the natural module-level reading.
-    print("  the paper's 53M (13%) matches C truncated; rounded, only '+ one position table' gives 53M")
-    return _report(model)
+    return _report(model)  # the other readings of "53M" are in `python flops.py` (Table 1)
 
 def lldb(model):
     layers = model.model.decoder.layers
@@ -123,7 +115,7 @@ def kv_of_tokens(model, ids):
     return {"encoder": stack(enc_kv), "decoder": stack([torch.stack((c["k"], c["v"])) for c in cache]),
             "cross": stack([torch.stack((c["ck"], c["cv"])) for c in cache])}
 
-def prefix(model, prefix_len=200, sites=SITES, init_ids=None, mlp_hidden=0):
+def prefix(model, prefix_len=PREFIX_LEN, sites=SITES, init_ids=None, mlp_hidden=0):
     """Registers a trainable Prefix as model.prefix. All three site kinds: 36 sites on bart-large, 14,745,600
     parameters; the paper's 24, e.g. sites=("encoder", "decoder"): 9,830,400. init_ids: the project's prefix_len
     most frequent token ids (most_frequent_ids): their K/V from the frozen model become the prefix (with the MLP,
@@ -133,7 +125,7 @@ def prefix(model, prefix_len=200, sites=SITES, init_ids=None, mlp_hidden=0):
         raise ValueError(f"prefix sites must be a non-empty subset of {SITES}, got {sites}")
     if not 0 <= prefix_len <= cfg.max_position_embeddings:  # the init runs the ids at positions 0..P-1
         raise ValueError(f"prefix_len={prefix_len} is outside 0..{cfg.max_position_embeddings} (max_position_embeddings)"
-                         f"; the paper uses 200")
+                         f"; the paper uses {PREFIX_LEN}")
     if init_ids is not None and tuple(init_ids.shape) != (prefix_len,):
         raise ValueError(f"init_ids must hold prefix_len={prefix_len} token ids (1-D), got shape {tuple(init_ids.shape)}")
     _begin(model, "prefix", prefix_len=prefix_len, sites=sites, mlp_hidden=mlp_hidden)
@@ -162,7 +154,7 @@ def prefix_bank(prefixes):
 
 def most_frequent_ids(sequences, n, exclude=()):
     """The n most frequent token ids in `sequences` (the project's training folds), ties broken by the smaller id,
-    ids in `exclude` (special tokens: our choice, spec §7) skipped; fewer distinct ids than n: cycled to length n."""
+    ids in `exclude` (special tokens: our choice, docs/checkpoints.md §7) skipped; fewer distinct ids than n: cycled to length n."""
     exclude = set(exclude)
     counts = Counter(t for seq in sequences for t in seq if t not in exclude)
     if not counts:
@@ -185,9 +177,9 @@ class LoRALinear(nn.Module):
     def forward(self, x):
         return self.base(x) + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scaling
 
-def lora(model, r=8, alpha=16, targets=("q_proj", "v_proj")):
+def lora(model, r=LORA_RANK, alpha=LORA_ALPHA, targets=LORA_DEFAULT):
     """Wraps every nn.Linear named in `targets`: q_proj and v_proj of bart-large's 36 attentions (self and cross) at
-    r = 8 are 1,179,648 parameters, PEFT's default for BART (spec §8)."""
+    r = 8 are 1,179,648 parameters, PEFT's default for BART (docs/checkpoints.md §8)."""
     if r < 1 or not targets or set(targets) - set(LORA_TARGETS):
         raise ValueError(f"lora needs r >= 1 and targets among {LORA_TARGETS}, got r={r}, targets={targets}")
     _begin(model, "lora", r=r, alpha=alpha, targets=tuple(targets))
