@@ -1,4 +1,4 @@
-# Thin veneer over the project's commands (STYLE §18). `make help` lists the targets.
+# Thin veneer over the project's commands, one or two lines a target. `make help` lists the targets.
 PY        ?= .venv/bin/python
 STRATEGY  ?= lldb
 PROJECT   ?= commons-io# a target of data/projects.tsv, or the path of your own Java checkout
@@ -9,7 +9,7 @@ PROJECTS  ?= $(shell awk -F'\t' '$$6=="target"{print $$1}' data/projects.tsv)
 STRATEGIES ?= custom leo lldb prefix
 FOLDS     ?= 0 1 2 3
 ARGS      ?=# extra train.py settings for customization, e.g. ARGS="--lr=1e-3 --patience=10"
-BASE_ARGS ?= --max_steps=800 --eval_interval=50 --patience=100# about 20 min on 2 CPU cores; on a GPU try --max_steps=20000 --patience=6
+BASE_ARGS ?=# extra train.py settings for the base; its recipe is train.py BASE_DEFAULTS (e.g. --max_steps=20000 on a GPU)
 CORPUS    = data/cache/corpus
 TOKENIZER = data/cache/tokenizer.json
 BASE      = checkpoints/base
@@ -72,7 +72,7 @@ experiment: $(foreach p,$(PROJECTS),$(foreach s,$(STRATEGIES),$(foreach f,$(FOLD
 flops:  ## Table 1 and FLOPs per token per strategy (bart-large)
 	$(PY) flops.py --model bart-large
 
-gpu-check:  ## on a GPU: kernel correctness at real shapes, tuning sweep, benchmark table (< 4 min)
+gpu-check:  ## on a GPU: kernel checks, tuning sweep, SDPA benchmark, strategies, a bart-base base; one JSON (< 8 min)
 	$(PY) kernels/gpu_check.py
 
 eval:  ## score a run: base vs customized on the held-out fold (RUN=runs/<name>)

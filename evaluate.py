@@ -1,7 +1,7 @@
 """Scores a customized model against the base on its project's test fold, and builds the paper's report (§3.2 RQ1
 intrinsic metrics, §3.3 RQ2 task metrics; Tables 3-4, Figures 3-4).
 
-    python evaluate.py runs/<name> [--limit N] [--beams 5] [--max-new-tokens 256] [--rescore: from predictions.jsonl]
+    python evaluate.py runs/<name> [--limit N] [--beams 5] [--max-new-tokens N: default the run's max_tgt_len] [--rescore]
     python evaluate.py --report runs/       # runs/report.md (Tables 3-4), runs/fig3.png, runs/fig4.png
     python evaluate.py generate --run runs/<name> --java Foo.java --method bar [--k 5]   # tests for your own code
 
@@ -11,16 +11,20 @@ metrics.json = {"base": M, "customized": M, "decoding": {...}}, written only her
 - perplexity: exp(total NLL / total target tokens) over the fold, teacher-forced, pads excluded. As train.py (and
   fairseq, AthenaTest) the decoder reads </s> t1..tn and predicts t1..tn </s>: </s> counts, data/'s leading <s> does
   not. The tables use this per-token figure (§3.2); `perplexity_mean_per_example` is stored beside it;
-- exact@k, abstracted@k: share of examples where one of the first k beams equals the reference with all whitespace
-  deleted (§3.3), or after src2abs (`abstract_java.abstract`, compat=False) of each side ON ITS OWN: pair mode's shared
-  ids would make `x` and `y` VAR_1 and VAR_2, i.e. no masking at all (abstracted = exact, against Figure 3a);
+- exact@j, abstracted@j for j = 1..k, k the beams returned (at most 5): share of examples where one of the first j
+  beams equals the reference with all whitespace deleted (§3.3), or after src2abs (`abstract_java.abstract`,
+  compat=False) of each side ON ITS OWN: pair mode's shared ids would make `x` and `y` VAR_1 and VAR_2, i.e. no
+  masking at all (abstracted = exact, against Figure 3a);
 - style_cosine: mean cosine of (top-1, reference) in a tf-idf space fit per project on identifier documents
   (`abstract_java.identifiers`) of the reference and generated tests; syntax_valid: share of non-empty top-1 tests
   that tree-sitter-java parses in `class _ { ... }` without ERROR or MISSING nodes; n: examples scored;
-- perplexity_rotated_source: the perplexity when each target is scored against the NEXT example's source. A model
-  that reads its input does worse here; one equal to `perplexity` ignores its input (a collapsed encoder).
+- source_gain = perplexity_other_source / perplexity: the targets scored against the source of an example of
+  ANOTHER focal class (data.other_class_partners) over their own; 1.0 exactly for a model that ignores its input
+  (docs/source-gain.md); perplexity_empty_source: against the empty source <s></s>.
+The base's predictions on a (fold, decoding, base checkpoint) are computed once and reused by every strategy's run
+(runs/.cache/, keyed by all of them; a lock keeps `make -j` from computing one twice).
 """
-import argparse, json, math, os, time
+import argparse, fcntl, hashlib, json, math, os, time
 from pathlib import Path
 
 import numpy as np
@@ -29,12 +33,14 @@ import torch.nn.functional as F
 
 import abstract_java
 import data
-from data.tokenizer import encode_pairs, load_tokenizer
+import runs
+import strategies
+from data.tokenizer import BOS, EOS, PAD, encode_pairs, load_tokenizer
+from data import atomic_write
 from model import BART
 
 K = 5  # top-k of Figure 3a
 MODELS = ("base", "customized")
-STRATEGIES = ("custom", "leo", "lldb", "prefix", "lora")
 PAPER_T3 = {"bleu4": dict(base=16.1, custom=38.4, leo=36.9, lldb=37.8, prefix=37.7),  # Table 3, "Average" row
             "perplexity": dict(base=1.262, custom=1.153, leo=1.158, lldb=1.153, prefix=1.154)}
 PAPER_F3 = {"base": (0.5, 3.0), "customized": (5.0, 13.5)}  # Fig. 3a top-1 (exact, abstracted) %, from §4.2's text
@@ -99,11 +105,11 @@ def model_metrics(rows, name, k=K):
         r[name]["style_cosine"] = c
     ntok = [r[name]["tokens"] for r in rows]
     ppl, ppl_mean = perplexity([r[name]["nll"] for r in rows], ntok)
-    rotated = {"perplexity_rotated_source": perplexity([r[name]["nll_rotated"] for r in rows], ntok)[0]} \
-        if all("nll_rotated" in r[name] for r in rows) else {}  # absent in predictions of older versions
+    other, empty = (perplexity([r[name][f"nll_{s}"] for r in rows], ntok)[0] for s in ("other_source", "empty_source"))
     return {"bleu4": bleu4(top1, refs), "perplexity": ppl, **topk_matches(preds, refs, k),
             "style_cosine": float(np.mean(cos)), "syntax_valid": syntax_valid(top1), "n": len(rows),
-            "perplexity_mean_per_example": ppl_mean, **rotated}
+            "perplexity_mean_per_example": ppl_mean, "source_gain": other / ppl, "perplexity_other_source": other,
+            "perplexity_empty_source": empty}
 
 
 # --- the model side: teacher-forced NLL and beam search, batched by source length ----------------------------
@@ -114,7 +120,7 @@ def batches(src, size, device):
         yield order[j:j + size], *(t.to(device) for t in pad([src[i] for i in order[j:j + size]]))
 
 
-def pad(seqs, value=1):  # list of id lists -> (B, T) ids right-padded with <pad>, (B, T) mask
+def pad(seqs, value=PAD):  # list of id lists -> (B, T) ids right-padded with <pad>, (B, T) mask
     T = max(map(len, seqs))
     return (torch.tensor([s + [value] * (T - len(s)) for s in seqs]),
             torch.tensor([[1] * len(s) + [0] * (T - len(s)) for s in seqs]))
@@ -122,15 +128,24 @@ def pad(seqs, value=1):  # list of id lists -> (B, T) ids right-padded with <pad
 
 @torch.no_grad()
 def target_nll(model, src, tgt, batch_size=16, device="cpu"):
-    """[(summed NLL, tokens)] per example, teacher-forced: the decoder reads [start] + y[:-1], predicts y = tgt[i]."""
+    """[(summed NLL, tokens)] per example, teacher-forced: the decoder reads [start] + y[:-1], predicts y = tgt[i].
+    The output layer runs on the real target positions only (logits_at), not on the pads."""
     out = {}
     for idx, ids, mask in batches(src, batch_size, device):
         y, ymask = pad([tgt[i] for i in idx])  # (B, T) labels, (B, T) 1 = real token
         dec = torch.cat([torch.full_like(y[:, :1], model.config.decoder_start_token_id), y[:, :-1]], 1)
-        logits = model(ids, mask, dec.to(device)).float().flatten(0, 1)  # (B*T, V): the loss is 4x faster flat
-        nll = F.cross_entropy(logits, y.flatten().to(device), reduction="none").view(y.shape).cpu() * ymask
+        real = ymask.bool()
+        logits = model(ids, mask, dec.to(device), logits_at=real.to(device)).float()  # (N real positions, V)
+        nll = torch.zeros(y.shape)
+        nll[real] = F.cross_entropy(logits, y[real].to(device), reduction="none").cpu()
         out.update(zip(idx, zip(nll.sum(1).tolist(), ymask.sum(1).tolist())))
     return [out[i] for i in range(len(src))]
+
+
+def source_nll(model, src, tgt, other_src, batch_size=16, device="cpu"):
+    """target_nll with each example's own source, with other_src[i] (the source of an example of another focal
+    class: data.other_class_partners) and with the empty source <s></s>: the three sides of source_gain."""
+    return [target_nll(model, s, tgt, batch_size, device) for s in (src, other_src, [[BOS, EOS]] * len(src))]
 
 
 @torch.no_grad()
@@ -145,7 +160,7 @@ def beam_search(model, src, k=K, beams=5, max_new_tokens=256, batch_size=16, dev
     return [out[i] for i in range(len(src))]
 
 
-# --- a run folder (DESIGN.md) and the integration points with data/ and strategies.py -----------------------
+# --- a run folder (docs/design.md) and the integration points with data/ and strategies.py ------------------
 def read_jsonl(path):
     """JSON lines -> list of dicts; non-UTF-8 text or broken JSON is an error naming the file and the line."""
     rows = []
@@ -168,16 +183,8 @@ def check_predictions(rows, path, expected_ids=()):
         raise ValueError(f"{path}: predictions missing for {len(missing)} test ids, e.g. {missing[:3]}")
 
 
-def run_config(run):
-    for f, why in (("config.json", "not a run folder"), ("best.safetensors", "no checkpoint: train.py writes it")):
-        if not (Path(run) / f).is_file():
-            raise FileNotFoundError(f"{run}: no {f} ({why})")
-    return json.loads((Path(run) / "config.json").read_text())
-
-
 def load_models(run, cfg, vocab_size, device="cpu"):
     """The base, and base + strategy + the run's delta (strategies.py). sdpa: math's numbers, 25% faster on CPU."""
-    import strategies
     base, cust = (BART.from_pretrained(cfg["base"], "sdpa", expect_vocab_size=vocab_size) for _ in range(2))
     options = {k: v for k, v in cfg.get("strategy_options", {}).items() if k != "init_ids"}  # the delta overwrites it
     strategies.apply(cust, cfg["strategy"], **options)
@@ -185,15 +192,22 @@ def load_models(run, cfg, vocab_size, device="cpu"):
     return base.to(device).eval(), cust.to(device).eval()
 
 
-def write_atomic(path, text):  # temp file + rename: a reader never sees half a file
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+def score_model(model, tok, src, tgt, partner, k, beams, max_new_tokens, batch_size, device):
+    """One model on one fold: per example its k beams with scores, and its target NLL with its own source, with
+    another focal class's source (partner) and with an empty source <s></s>."""
+    t0 = time.time()
+    own, other, empty = source_nll(model, src, tgt, [src[j] for j in partner], batch_size, device)
+    beam = beam_search(model, src, k, beams, max_new_tokens, batch_size, device)
+    out = [{"predictions": tok.decode_batch(seqs), "scores": scores, "nll": s, "tokens": n, "nll_other_source": so,
+            "nll_empty_source": se} for (s, n), (so, _), (se, _), (seqs, scores) in zip(own, other, empty, beam)]
+    print(f"{len(out)} examples scored in {time.time() - t0:.0f}s")
+    return out
 
 
 def score_run(run, limit=None, beams=5, max_new_tokens=None, batch_size=16, device="cpu", rescore=False):
-    """Both models on the run's test fold -> predictions.jsonl, metrics.json; returns the metrics. For train.py."""
-    run, cfg, k = Path(run), run_config(run), min(K, beams)
+    """Both models on the run's test fold -> predictions.jsonl, metrics.json; returns the metrics. The base's side
+    comes from runs/.cache/ when this fold was scored with the same base, tokenizer and decoding before."""
+    run, cfg, k = Path(run), runs.run_config(run), min(K, beams)
     test = data.folds(data.load_project(cfg["corpus"]), cfg["fold"], cfg["k_folds"], cfg["seed"])[2][:limit]
     max_new_tokens = max_new_tokens or cfg["max_tgt_len"]  # the test fold is train.py's, as are the lengths
     decoding = dict(num_beams=beams, num_return_sequences=k, max_new_tokens=max_new_tokens, length_penalty=1.0,
@@ -204,34 +218,44 @@ def score_run(run, limit=None, beams=5, max_new_tokens=None, batch_size=16, devi
         decoding = {**json.loads((run / "metrics.json").read_text())["decoding"], "rescored": True}  # as generated
     else:
         tok = load_tokenizer(cfg["tokenizer"])
-        src, tgt, _ = encode_pairs(tok, test, cfg["max_src_len"], cfg["max_tgt_len"])
+        src, tgt, _ = encode_pairs(tok, test, cfg["max_src_len"], cfg["max_tgt_len"], src_key=f"src_{cfg['focal_context']}")
         tgt = [t[1:] for t in tgt]  # <s> t1..tn </s> -> t1..tn </s>: what train.py's decoder learns to predict
-        rows = [{"id": r["id"], "reference": r["tgt"]} for r in test]
-        for name, model in zip(MODELS, load_models(run, cfg, tok.get_vocab_size(), device)):
-            t0 = time.time()
-            nll = target_nll(model, src, tgt, batch_size, device)
-            rot = target_nll(model, src[1:] + src[:1], tgt, batch_size, device)  # each target, the next one's source
-            beam = beam_search(model, src, k, beams, max_new_tokens, batch_size, device)
-            for r, (s, n), (s_rot, _), (seqs, scores) in zip(rows, nll, rot, beam):
-                r[name] = {"predictions": tok.decode_batch(seqs), "scores": scores, "nll": s, "tokens": n,
-                           "nll_rotated": s_rot}
-            print(f"{name}: {len(rows)} examples scored in {time.time() - t0:.0f}s")
-    metrics = {name: model_metrics(rows, name) for name in MODELS}
-    write_atomic(run / "predictions.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    write_atomic(run / "metrics.json", json.dumps({**metrics, "decoding": decoding}, indent=1))
+        partner, rows = data.other_class_partners(test), [{"id": r["id"], "reference": r["tgt"]} for r in test]
+        score = lambda m: score_model(m, tok, src, tgt, partner, k, beams, max_new_tokens, batch_size, device)
+        base, cust = load_models(run, cfg, tok.get_vocab_size(), device)
+        key = hashlib.sha256(json.dumps([runs.checksum(cfg["base"]), runs.checksum(cfg["tokenizer"]), decoding, src, tgt, partner,
+                                         [r["id"] for r in rows]]).encode()).hexdigest()[:20]
+        cache = run.parent / ".cache" / f"base-{key}.json"  # everything the base's scores depend on is in the key
+        cache.parent.mkdir(exist_ok=True)
+        with open(cache.with_suffix(".lock"), "w") as lock:  # make -j: one run computes, the others wait and read
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            print(f"base: {'from ' + str(cache) if cache.is_file() else 'scoring'}")
+            if not cache.is_file():
+                atomic_write(cache, json.dumps(score(base)))
+            base_rows = json.loads(cache.read_text())
+        print("customized: scoring")
+        for r, b, c in zip(rows, base_rows, score(cust)):
+            r.update(base=b, customized=c)
+    metrics = {name: model_metrics(rows, name, k) for name in MODELS}
+    atomic_write(run / "predictions.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    atomic_write(run / "metrics.json", json.dumps({**metrics, "decoding": decoding}, indent=1))
+    print_summary(run, cfg, metrics, k)
+    return metrics
+
+
+def print_summary(run, cfg, metrics, k):
     log = read_jsonl(run / "log.jsonl") if (run / "log.jsonl").is_file() else []
-    pf = min(log, key=lambda l: l["val_loss"])["pf_s_exact"] if log else 0.0  # compute up to the kept checkpoint
-    cols = ("exact@1", "exact@5", "abstracted@1", "abstracted@5")
-    print(f"\n| {run.name} | BLEU-4 | perplexity | " + " | ".join(cols) + " | trainable | PF-s |\n" + "|---" * 9 + "|")
+    sup = [l for l in log if l.get("stage", "supervised") == "supervised"]
+    pf = min(sup, key=lambda l: l["val_loss"])["pf_s_exact"] if sup else 0.0  # compute up to the kept checkpoint
+    cols = ("exact@1", f"exact@{k}", "abstracted@1", f"abstracted@{k}")
+    print(f"\n| {run.name} | BLEU-4 | perplexity | " + " | ".join(cols) + " | source_gain | ppl other / empty source "
+          "| trainable | PF-s |\n" + "|---" * 11 + "|")
     for name, m in metrics.items():
         cost = f"{cfg.get('trainable_parameters', 0):,} | {pf:.4f}" if name == "customized" else "- | -"
-        print(f"| {name} | {m['bleu4']:.1f} | {m['perplexity']:.3f} | "
-              + " | ".join(f"{100 * m[c]:.1f}%" for c in cols) + f" | {cost} |")
-    if all("perplexity_rotated_source" in m for m in metrics.values()):
-        print("does the model read its input? perplexity with each target scored against another example's source: "
-              + ", ".join(f"{n} {m['perplexity_rotated_source']:.3f} (vs {m['perplexity']:.3f})"
-                          for n, m in metrics.items()))
-    return metrics
+        print(f"| {name} | {m['bleu4']:.1f} | {m['perplexity']:.3f} | " + " | ".join(f"{100 * m[c]:.1f}%" for c in cols)
+              + f" | {m['source_gain']:.3f} | {m['perplexity_other_source']:.2f} / {m['perplexity_empty_source']:.2f} | {cost} |")
+    print("source_gain: perplexity with another focal class's source / with the example's own; 1.000 = the model "
+          "ignores its input" + ("  <-- THE BASE DOES NOT READ ITS INPUT" if metrics["base"]["source_gain"] < 1.05 else ""))
 
 
 # --- the report over a folder of runs: Tables 3-4 (markdown), Figures 3-4 (PNG) -----------------------------
@@ -246,34 +270,38 @@ def report(root):
         logs.setdefault(cfg["strategy"], []).append(d / "log.jsonl")
     if not E:
         raise FileNotFoundError(f"{root}: no run folder with metrics.json (score runs with `python evaluate.py RUN`)")
-    cols, projects = ["base"] + [s for s in STRATEGIES if s in logs], sorted({key[0] for key in E})
-    mean = lambda metric, c, p=None: float(np.mean([v[0][metric] for key, v in E.items() if key[2] == c
-                                                    and p in (None, key[0])]))
-    md, fmt = ["# Results: Table 3 and Table 4 analogues", ""], {"bleu4": "{:.1f}", "perplexity": "{:.3f}"}
+    cols, projects = ["base"] + [s for s in strategies.STRATEGIES if s in logs], sorted({key[0] for key in E})
+    have = {c: [p for p in projects if any(key[0] == p and key[2] == c for key in E)] for c in cols}
+
+    def mean(metric, c, p=None):  # one project: the mean over its folds; no project: the mean of those (the paper's)
+        if p is None:
+            return float(np.mean([mean(metric, c, q) for q in have[c]]))
+        return float(np.mean([v[0][metric] for key, v in E.items() if key[2] == c and key[0] == p]))
+    md, fmt = ["# Results: Table 3 and Table 4 analogues", ""], {"bleu4": "{:.1f}", "perplexity": "{:.3f}", "source_gain": "{:.3f}"}
     row = lambda label, cells: f"| {label} | " + " | ".join(cells) + " |"
     head = [row("", cols), "|---" * (len(cols) + 1) + "|"]
-    for metric in ("bleu4", "perplexity"):
-        have = {c: [p for p in projects if any(key[0] == p and key[2] == c for key in E)] for c in cols}
+    for metric in fmt:
         f = fmt[metric].format
-        md += [f"## Table 3: {metric} (mean over folds)", "", *head]
+        md += [f"## Table 3: {metric} (per project: mean over folds; average: over projects)", "", *head]
         md += [row(p, [f(mean(metric, c, p)) if p in have[c] else "-" for c in cols]) for p in projects]
         md += [row("**average**", [f(mean(metric, c)) for c in cols]),
-               row("paper average", [f(PAPER_T3[metric][c]) if c in PAPER_T3[metric] else "-" for c in cols]), ""]
+               row("paper average", [f(PAPER_T3[metric][c]) if c in PAPER_T3.get(metric, {}) else "-" for c in cols]), ""]
         kw = kruskal_table({c: [mean(metric, c, p) for p in have[c]] for c in cols})
         md += [f"## Table 4: Kruskal-Wallis p-values over projects, {metric} (paper: base vs each strategy 3e-08, "
                "between strategies 0.4-0.9)", "", *head]
         md += [row(a, ["-" if v is None else f"{v:.2g}" for v in kw[a].values()]) for a in cols] + [""]
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4))  # Figure 3: (a) top-k curves, (b) style cosines
+    k = min(sum(m.startswith("exact@") for m in v[0]) for v in E.values())  # the beams every run returned
     for i, c in enumerate(cols):
         for kind, ls in (("exact", "-"), ("abstracted", ":")):
-            ax.plot(range(1, K + 1), [100 * mean(f"{kind}@{j}", c) for j in range(1, K + 1)], ls, color=f"C{i}",
+            ax.plot(range(1, k + 1), [100 * mean(f"{kind}@{j}", c) for j in range(1, k + 1)], ls, color=f"C{i}",
                     label=f"{c} {kind}")
         cos = [row[who]["style_cosine"] for key, (_, d, who) in E.items() if key[2] == c
                and (d / "predictions.jsonl").is_file() for row in read_jsonl(d / "predictions.jsonl")]
         bx.hist(cos, bins=20, range=(0, 1), histtype="step", density=True, color=f"C{i}", label=c)
     for who, (ex, ab) in PAPER_F3.items():
         ax.plot([1, 1], [ex, ab], "x", color="k" if who == "base" else "grey", label=f"paper {who} top-1")
-    ax.set(xlabel="k", xticks=range(1, K + 1), ylabel="in the top k (%)", title="(a) exact (solid), abstracted (dots)")
+    ax.set(xlabel="k", xticks=range(1, k + 1), ylabel="in the top k (%)", title="(a) exact (solid), abstracted (dots)")
     bx.set(xlabel="tf-idf cosine of identifiers, generated vs developer", ylabel="density", title="(b) coding style")
     ax.legend(fontsize=6), bx.legend(fontsize=7), fig.tight_layout(), fig.savefig(root / "fig3.png", dpi=120)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))  # Figure 4: validation loss vs PF-s, both FLOP conventions
@@ -289,7 +317,7 @@ def report(root):
                         lw=2, label=c)
         ax.set(xlabel=f"compute (PF-s, {key[5:]} FLOP convention)", ylabel="validation loss"), ax.legend()
     fig.tight_layout(), fig.savefig(root / "fig4.png", dpi=120)
-    write_atomic(root / "report.md", "\n".join(md + ["![Figure 3](fig3.png)", "", "![Figure 4](fig4.png)", ""]))
+    atomic_write(root / "report.md", "\n".join(md + ["![Figure 3](fig3.png)", "", "![Figure 4](fig4.png)", ""]))
     print("\n".join(md))
 
 
@@ -298,13 +326,13 @@ def generate_tests(run, java, method, k=K, beams=5, max_new_tokens=None, device=
     """[(score, test code)]: the k best tests the customized model writes for `method` in the file `java`."""
     from data.java import parse_java
     from data.mine import corpus_strings
-    cfg = run_config(run)
+    cfg = runs.run_config(run)
     classes, _ = parse_java(Path(java).read_bytes())  # data/ decodes UTF-8, else Latin-1
     hits = [(c, m) for c in classes for m in c["methods"] if m["identifier"] == method]
     if not hits:
         names = ", ".join(sorted({m["identifier"] for c in classes for m in c["methods"]})) or "none"
         raise ValueError(f"{java}: no method {method!r} in a top-level class (its methods: {names})")
-    tok, src = load_tokenizer(cfg["tokenizer"]), corpus_strings(*hits[0])["src_fm_fc_ms_ff"]  # the corpus's `src`
+    tok, src = load_tokenizer(cfg["tokenizer"]), corpus_strings(*hits[0])[f"src_{cfg['focal_context']}"]  # what the base reads
     model = load_models(run, cfg, tok.get_vocab_size(), device)[1]
     src = encode_pairs(tok, [{"src": src, "tgt": ""}], cfg["max_src_len"])[0]
     (seqs, scores), = beam_search(model, src, min(k, beams), beams, max_new_tokens or cfg["max_tgt_len"], 1, device)

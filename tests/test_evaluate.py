@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import sacrebleu
 import torch
+import torch.nn.functional as F
 from scipy.stats import kruskal
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.metrics.pairwise import cosine_similarity
@@ -56,26 +57,32 @@ def test_perplexity_is_exp_of_hf_loss(tmp_path, impl):
     assert ppl_mean == pytest.approx(np.mean([math.exp(hf_loss([s], [t])) for s, t in zip(src, tgt)]), rel=1e-5)
 
 
-def test_rotated_sources_tell_a_model_that_ignores_its_input():
-    """The premise of perplexity_rotated_source: scoring each target against the next example's source leaves the
-    perplexity unchanged (to float32 rounding) iff the decoder cannot see the encoder. Two models: one whose
-    cross-attention reads the encoder, and the same one with every cross-attention value zeroed, so that
-    cross-attention returns out_proj's bias whatever the source (what a collapsed encoder amounts to)."""
+def test_source_gain_high_on_a_copy_task_and_exactly_one_without_cross_attention():
+    """source_gain = perplexity with another example's source / with the own source (docs/source-gain.md), on two
+    models: a tiny BART trained to copy its source (it must read it: the gain is far above 1), and the same model
+    with every cross-attention value projection zeroed, so that cross-attention returns out_proj's bias whatever the
+    source (what a collapsed encoder amounts to): the gain is exactly 1. Batches of one example keep every
+    decoder computation the same shape on both sides, so "exactly" holds to the last bit."""
     torch.manual_seed(0)
-    model = BART(BARTConfig(**TINY)).eval()
+    model = BART(BARTConfig(**{**TINY, "d_model": 64, "encoder_ffn_dim": 128, "decoder_ffn_dim": 128}))
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    for _ in range(300):  # copy 8 random tokens: x -> x </s>
+        x = torch.randint(4, 300, (32, 8))
+        dec = torch.cat([torch.full((32, 1), 2), x], 1)  # </s> x
+        labels = torch.cat([x, torch.full((32, 1), 2)], 1)  # x </s>
+        loss = F.cross_entropy(model(x, torch.ones_like(x), dec).flatten(0, 1), labels.flatten())
+        loss.backward(), opt.step(), opt.zero_grad()
+    model.eval()
     g = torch.Generator().manual_seed(1)
-    rand = lambda n: torch.randint(3, 300, (n,), generator=g).tolist() + [2]
-    src, tgt = [rand(n) for n in (9, 4, 12, 6, 1)], [rand(n) for n in (5, 11, 2, 7, 3)]
-    ppl = lambda s: ev.perplexity(*zip(*ev.target_nll(model, s, tgt, batch_size=2)))[0]
-    with torch.no_grad():
-        for layer in model.model.decoder.layers:
-            layer.encoder_attn.v_proj.weight.normal_(std=1.0)
-    # reads its input: the rotation moves perplexity by ~2e-3 here, far above float32 rounding (~1e-7)
-    assert abs(math.log(ppl(src[1:] + src[:1]) / ppl(src))) > 1e-4
+    src = [torch.randint(4, 300, (8,), generator=g).tolist() for _ in range(24)]
+    tgt, other = [s + [2] for s in src], src[12:] + src[:12]
+    gain = lambda b: (lambda own, oth, _: ev.perplexity(*zip(*oth))[0] / ev.perplexity(*zip(*own))[0])(
+        *ev.source_nll(model, src, tgt, other, batch_size=b))
+    assert gain(8) > 100, "a model that copies its source loses nearly everything with another one"
     with torch.no_grad():
         for layer in model.model.decoder.layers:
             layer.encoder_attn.v_proj.weight.zero_(), layer.encoder_attn.v_proj.bias.zero_()
-    assert ppl(src[1:] + src[:1]) == pytest.approx(ppl(src), rel=1e-6)  # ignores it: nothing moves
+    assert gain(1) == 1.0
 
 
 def test_topk_exact_and_abstracted_hand_fixture():
@@ -152,6 +159,10 @@ def test_run_without_checkpoint_and_unknown_method(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"no config.json \(not a run folder\)"):
         ev.score_run(tmp_path / "nowhere")
     (tmp_path / "best.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"config.json lacks tokenizer, focal_context, max_src_len, max_tgt_len"):
+        ev.score_run(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(dict(tokenizer="t.json", focal_context="fm_fc", max_src_len=8,
+                                                          max_tgt_len=8)))
     (tmp_path / "Foo.java").write_text("class Foo { int bar() { return 1; } Foo() {} }")
     with pytest.raises(ValueError, match=r"no method 'baz' .*its methods: Foo, bar"):
         ev.generate_tests(tmp_path, tmp_path / "Foo.java", "baz")
@@ -163,11 +174,12 @@ def test_run_without_checkpoint_and_unknown_method(tmp_path):
 def test_score_run_rescore_report_and_generate(tmp_path, capsys):
     import strategies
     from data.tokenizer import train_tokenizer
-    recs = [{"id": f"p_{i}", "project": "p", "src": f"Foo {{ int m{i}(int a) {{ return a + {i}; }} }}",
-             "tgt": f"@Test public void testM{i}() {{ assertEquals({i}, new Foo().m{i}(0)); }}",
-             "test_class": {"file": f"T{i % 6}.java", "identifier": f"T{i % 6}"}} for i in range(24)]
+    recs = [{"id": f"p_{i}", "project": "p", "src_fm_fc": f"Foo{i % 3} {{ int m{i}(int a) {{ return a + {i}; }} }}",
+             "tgt": f"@Test public void testM{i}() {{ assertEquals({i}, new Foo{i % 3}().m{i}(0)); }}",
+             "test_class": {"file": f"T{i % 6}.java", "identifier": f"T{i % 6}"},
+             "focal_class": {"file": f"Foo{i % 3}.java", "identifier": f"Foo{i % 3}"}} for i in range(24)]
     (tmp_path / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
-    tok = train_tokenizer([t for r in recs for t in (r["src"], r["tgt"])], vocab_size=300, min_frequency=1)
+    tok = train_tokenizer([t for r in recs for t in (r["src_fm_fc"], r["tgt"])], vocab_size=300, min_frequency=1)
     tok.save(str(tmp_path / "tok.json"))
     torch.manual_seed(0)
     BART(BARTConfig(**{**TINY, "vocab_size": tok.get_vocab_size()})).save_pretrained(tmp_path / "base")
@@ -175,7 +187,7 @@ def test_score_run_rescore_report_and_generate(tmp_path, capsys):
     run.mkdir(parents=True)
     cfg = dict(base=str(tmp_path / "base"), tokenizer=str(tmp_path / "tok.json"), project="p", fold=0, k_folds=4,
                corpus=str(tmp_path / "corpus.jsonl"), seed=0, strategy="lldb", strategy_options={}, max_src_len=64,
-               max_tgt_len=48)
+               max_tgt_len=48, focal_context="fm_fc")
     (run / "config.json").write_text(json.dumps(cfg))
     model = BART.from_pretrained(tmp_path / "base")
     strategies.apply(model, "lldb")
@@ -184,18 +196,26 @@ def test_score_run_rescore_report_and_generate(tmp_path, capsys):
         model.model.decoder.layers[-1].fc2.weight.normal_(std=1.0)
     strategies.save_trainable(model, str(run / "best.safetensors"))
     metrics = ev.score_run(run, limit=4, beams=3, max_new_tokens=6, batch_size=3)
-    keys = {"bleu4", "perplexity", *(f"{k}@{j}" for k in ("exact", "abstracted") for j in range(1, 6)),
-            "style_cosine", "syntax_valid", "n", "perplexity_mean_per_example", "perplexity_rotated_source"}
+    keys = {"bleu4", "perplexity", *(f"{k}@{j}" for k in ("exact", "abstracted") for j in range(1, 4)),  # 3 beams
+            "style_cosine", "syntax_valid", "n", "perplexity_mean_per_example", "source_gain",
+            "perplexity_other_source", "perplexity_empty_source"}
     saved = json.loads((run / "metrics.json").read_text())
     assert set(saved) == {"base", "customized", "decoding"} and set(saved["base"]) == keys == set(saved["customized"])
     assert saved["decoding"]["num_beams"] == 3 and saved["base"]["n"] == 4 and saved["base"] != saved["customized"]
-    # a random model reads its input, faintly: scoring each target against another example's source moves its
-    # perplexity by ~1e-5 relative, above the ~1e-7 of float32 rounding (a model that ignored it would not move)
-    assert abs(math.log(saved["base"]["perplexity_rotated_source"] / saved["base"]["perplexity"])) > 1e-6
+    # a random model reads its input, faintly: another focal class's source moves its perplexity by ~1e-5 relative,
+    # above the ~1e-7 of float32 rounding (a model that ignored it would not move)
+    assert abs(math.log(saved["base"]["source_gain"])) > 1e-6
+    base_scored = capsys.readouterr().out
+    ev.score_run(run, limit=4, beams=3, max_new_tokens=6, batch_size=3)  # again: the base comes from the cache
+    assert "base: scoring" in base_scored and "base: from " in capsys.readouterr().out
+    assert json.loads((run / "metrics.json").read_text()) == saved
     rows = ev.read_jsonl(run / "predictions.jsonl")
     assert len(rows) == 4 and all(len(r[m]["predictions"]) == 3 == len(r[m]["scores"]) for r in rows for m in ev.MODELS)
     ev.main([str(run), "--rescore", "--limit", "4", "--beams", "3"])  # the same numbers from predictions.jsonl
     assert {m: json.loads((run / "metrics.json").read_text())[m] for m in ev.MODELS} == metrics
+    capsys.readouterr()
+    ev.score_run(run, limit=4, beams=2, max_new_tokens=6, batch_size=3)  # other decoding settings: another key
+    assert "base: scoring" in capsys.readouterr().out
     log = [dict(step=s, pf_s_paper=s / 10, pf_s_exact=s / 8, val_loss=3 - s / 5) for s in range(1, 6)]
     (run / "log.jsonl").write_text("".join(json.dumps(entry) + "\n" for entry in log))
     ev.report(tmp_path / "runs")
