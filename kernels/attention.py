@@ -42,7 +42,7 @@ Runs on Triton 3.6 (GPU) and 3.9 (CPU interpreter, TRITON_INTERPRET=1): plain po
 are gone in 3.9), no global read in @triton.jit code, tiles chosen in Python (pick_config; no autotune), and in
 the interpreter bf16 tiles are upcast to fp32 (its bf16 dot and sum are wrong, triton#11584) with the GPU's
 round-to-nearest of p, dS and the outputs emulated (its own fp32 -> bf16 cast truncates).
-Spec: ../shared/specs/attention-kernel.md. Tests: tests/test_kernels.py. GPU check: python -m kernels.gpu_check
+Spec: docs/attention-kernel.md. Tests: tests/test_kernels.py and test_kernels_compile.py. GPU: kernels/gpu_check.py
 """
 import math
 import os
@@ -153,7 +153,7 @@ def _fwd_tiles(acc, m_i, l_i, q, K, V, stride_n, MASK, lo, hi, n_keys, offs_m, q
     return acc, m_i, l_i
 
 
-@triton.jit(do_not_specialize=["Lq", "Lk", "P", "q_offset"])  # one binary for all lengths
+@triton.jit(do_not_specialize=["H", "Lq", "Lk", "P", "q_offset"])  # one binary for all lengths and head counts
 def _attn_fwd(Q, K, V, PK, PV, IDS, MASK, O, LSE,
               stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_pn, stride_ph, stride_pp,
               H, Lq, Lk, P, q_offset, qk_scale,
@@ -193,7 +193,7 @@ def _attn_fwd(Q, K, V, PK, PV, IDS, MASK, O, LSE,
     tl.store(LSE + bh.to(tl.int64) * Lq + offs_m, tl.where(empty, 0.0, m_i + tl.math.log2(l_safe)), mask=offs_m < Lq)
 
 
-@triton.jit(do_not_specialize=["Lq"])
+@triton.jit(do_not_specialize=["H", "Lq"])
 def _attn_bwd_delta(O, DO, DELTA, stride_qb, stride_qh, stride_qm, H, Lq,
                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
     """delta = rowsum(dO * O) in fp32, one value per query row."""
@@ -231,7 +231,7 @@ def _dkdv_tiles(dk, dv, k, v, bias, Q, DO, LSE, DELTA, stride_qm, lo, hi, offs_n
     return dk, dv
 
 
-@triton.jit(do_not_specialize=["Lq", "Lk", "P", "q_offset"])  # one binary for all lengths
+@triton.jit(do_not_specialize=["H", "Lq", "Lk", "P", "q_offset"])  # one binary for all lengths and head counts
 def _attn_bwd_dkdv(Q, K, V, PK, PV, IDS, MASK, DO, LSE, DELTA, DK, DV, PART,
                    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_pn, stride_ph, stride_pp,
                    H, Lq, Lk, P, q_offset, qk_scale, sm_scale,
@@ -306,7 +306,7 @@ def _dq_tiles(dq, q, do, lse, delta, K, V, stride_n, MASK, lo, hi, n_keys, offs_
     return dq
 
 
-@triton.jit(do_not_specialize=["Lq", "Lk", "P", "q_offset"])  # one binary for all lengths
+@triton.jit(do_not_specialize=["H", "Lq", "Lk", "P", "q_offset"])  # one binary for all lengths and head counts
 def _attn_bwd_dq(Q, K, V, PK, PV, IDS, MASK, DO, LSE, DELTA, DQ,
                  stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_pn, stride_ph, stride_pp,
                  H, Lq, Lk, P, q_offset, qk_scale, sm_scale,
@@ -363,20 +363,28 @@ def _reduce_prefix_grad(PART, IDS, OUT, B, N_BANK, N_ELEM, PER_ROW: tl.constexpr
 # launchers and the autograd.Function
 
 
+DTYPES, HEAD_DIMS = (torch.float32, torch.float16, torch.bfloat16), (16, 32, 64, 128)  # what attention() accepts
+# GPU tiles (BLOCK_M, BLOCK_N, warps, stages): the tutorial's, or the nearest spill-free on sm_90/80; not timed yet
+_T16, _F32 = ((128, 64, 8, 3), (32, 128, 4, 3), (128, 32, 4, 3)), ((64, 32, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2))
+GPU_TILES = {"16-bit": {16: _T16, 32: _T16, 64: ((128, 64, 8, 3), (32, 128, 8, 3), (128, 32, 8, 3)),
+                        128: ((64, 64, 8, 2), (32, 64, 8, 2), (64, 32, 8, 2))},
+             "fp32 tf32": {16: _F32, 32: ((64, 32, 4, 2), (32, 64, 8, 2), (64, 32, 4, 2)),
+                           64: ((64, 32, 4, 2), (32, 32, 4, 2), (32, 32, 4, 2)),
+                           128: ((32, 32, 4, 2), (32, 32, 8, 2), (16, 32, 4, 2))},
+             "fp32 ieee": {16: ((32, 32, 4, 2), (32, 64, 8, 2), (64, 32, 4, 2)),  # FMA dots: all of K in registers
+                           32: ((32, 32, 8, 2), (32, 64, 8, 2), (32, 32, 4, 2)),
+                           64: ((64, 32, 8, 2), (32, 32, 8, 2), (32, 32, 8, 2)),
+                           128: ((16, 16, 8, 2), (16, 32, 8, 2), (16, 16, 4, 2))}}
+
+
 def _interpreting():
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def pick_config(D, dtype):
-    """Tile sizes. The interpreter costs ~4 ms per (program x tile) step whatever the tile size, so it gets small
-    tiles; GPU values start from the tutorial's H100 settings (spec §3) until kernels/gpu_check.py's sweep has
-    measured ours. fwd/dq: (BLOCK_M, BLOCK_N, num_warps, num_stages); dkdv: key tiles of BLOCK_N, query tiles
-    of BLOCK_M."""
-    if _interpreting():
-        return dict(fwd=(16, 16, 1, 1), dkdv=(16, 16, 1, 1), dq=(16, 16, 1, 1))
-    if dtype == torch.float32 or D == 128:  # twice the registers per element: smaller tiles
-        return dict(fwd=(64, 32, 4, 2), dkdv=(32, 64, 4, 2), dq=(64, 32, 4, 2))
-    return dict(fwd=(128, 64, 8, 3), dkdv=(32, 128, 4, 3), dq=(128, 32, 4, 3))
+def pick_config(D, dtype, precision="tf32"):
+    """fwd/dq tile queries by BLOCK_M, keys by BLOCK_N; dkdv the reverse. Interpreter: ~4 ms a tile step, any size."""
+    kind = "fp32 " + precision if dtype == torch.float32 else "16-bit"
+    return dict(zip(("fwd", "dkdv", "dq"), ((16, 16, 1, 1),) * 3 if _interpreting() else GPU_TILES[kind][D]))
 
 
 def _launch_args(q, k, pk, mask, ids):
@@ -440,7 +448,7 @@ class _FusedAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, pk, pv, ids, mask, causal, scale, precision):
         mask = None if mask is None else mask.contiguous().view(torch.uint8)  # the kernels read bytes
         prefix = None if pk is None else (pk, pv)
-        cfg = pick_config(q.shape[-1], q.dtype)
+        cfg = pick_config(q.shape[-1], q.dtype, precision)
         o, lse = _forward(q, k, v, prefix, mask, ids, causal, scale, precision, cfg)
         ctx.save_for_backward(q, k, v, o, lse, pk, pv, mask, ids)
         ctx.args = (None if pk is None else pk.shape[0], causal, scale, precision, cfg)
@@ -476,9 +484,9 @@ def attention(q, k, v, *, key_padding_mask=None, causal=False, prefix_k=None, pr
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     assert k.shape == v.shape == (B, H, Lk, D), f"k, v must be (B, H, Lk, D) = {(B, H, Lk, D)}; got {k.shape}"
-    assert q.dtype in (torch.float32, torch.float16, torch.bfloat16), f"dtype {q.dtype}: fp32, fp16, bf16 only"
+    assert q.dtype in DTYPES, f"dtype {q.dtype}: fp32, fp16, bf16 only"
     assert k.dtype == v.dtype == q.dtype, f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}"
-    assert D in (16, 32, 64, 128), f"head dim {D} not supported (16, 32, 64, 128)"
+    assert D in HEAD_DIMS, f"head dim {D} not supported {HEAD_DIMS}"
     assert Lq >= 1 and Lk >= 1, "empty query or key sequence"
     assert q.device == k.device == v.device, "q, k, v on different devices"
     assert key_padding_mask is None or key_padding_mask.device == q.device, "key_padding_mask on another device"
@@ -501,6 +509,7 @@ def attention(q, k, v, *, key_padding_mask=None, causal=False, prefix_k=None, pr
                 assert 0 <= int(prefix_index.min()) and int(prefix_index.max()) < prefix_k.shape[0], \
                     "prefix_index out of range"
             pk, pv = prefix_k, prefix_v
+            prefix_index = prefix_index.to(torch.int64).contiguous()  # IDS + b: no view [::beams]; one binary
         assert pk.shape[1] == H and pk.shape[3] == D, f"prefix (.., H, P, D) must match H={H}, D={D}: {pk.shape}"
         # under autocast q, k, v arrive in bf16 while the prefix parameters stay fp32: compute in q's dtype,
         # as autocast would for a matmul (the cast is differentiable, so the fp32 parameter gets its gradient)
