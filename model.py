@@ -341,6 +341,14 @@ class BART(nn.Module):
             return {}, None
         return prefix if isinstance(prefix, tuple) else (prefix, None)
 
+    @staticmethod
+    def prefix_bank(prefixes):
+        """Per-project prefixes ({site: (L, 2, H, P, hd)}, e.g. each customized model's model.prefix()) -> a bank
+        {site: (N, L, 2, H, P, hd)} for model(..., prefix=(bank, prefix_index)), which mixes projects row by row."""
+        if any(sorted(p) != sorted(prefixes[0]) or any(p[s].shape != prefixes[0][s].shape for s in p) for p in prefixes):
+            raise ValueError("a prefix bank needs prefixes with the same sites and shapes")
+        return {s: torch.stack([p[s].detach() for p in prefixes]) for s in prefixes[0]}
+
     def encode(self, input_ids, attention_mask, prefix=None):
         sites, index = self.resolve_prefix(prefix)
         return self.model.encoder(input_ids, attention_mask.bool(), sites.get("encoder"), index)

@@ -1,16 +1,23 @@
 """
 The run folder and the base checkpoint on disk (docs/design.md, "Run folder" and "Base checkpoint"): what train.py
-writes and resumes from, and what evaluate.py reads. Kept out of train.py so that the loop reads top to bottom.
+writes and resumes from, and what evaluate.py reads and writes. Kept out of train.py so that the loop reads top to
+bottom.
 
     runs/<name>/config.json       every setting of the run (train.py), checked again when the run resumes
     runs/<name>/log.jsonl         one line per evaluation; a line cut short by a kill is dropped on resume
     runs/<name>/last.pt           resume state: trainable tensors, optimizer, step, data position, each rank's RNG
-    runs/<name>/best.safetensors  the trainable tensors at the best validation loss (strategies.save_trainable)
+    runs/<name>/best.safetensors  the trainable tensors at the best validation loss (save_trainable)
+    runs/<name>/predictions.jsonl, metrics.json   evaluate.py's (check_predictions; data.read_jsonl reads them)
+    runs/.cache/base-<key>.json   the base's scores on one fold and decoding, shared by every strategy (cached)
     checkpoints/base/training.json  focal context, lengths and tokenizer the base learned with
+
+The loaders of a run's models (load_models), of a delta onto a base (load_trainable) and the --key=value settings
+parser (parse_settings) live here too: both train.py and evaluate.py need them, and neither should import the other.
 
 Nothing here is unpickled beyond tensors (torch.load weights_only=True); every file is written through a temporary
 file and a rename (data.atomic_write).
 """
+import fcntl
 import hashlib
 import json
 import os
@@ -20,6 +27,8 @@ from pathlib import Path
 import torch
 
 import data
+import strategies
+from model import BART
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CARRIED = ("tokenizer", "focal_context", "max_src_len", "max_tgt_len")  # what a base passes on to its customizations
@@ -54,6 +63,48 @@ def read_log(path, upto_step=None):
     return [r for r in rows if upto_step is None or r["step"] <= upto_step]
 
 
+def parse_settings(argv, defaults):
+    """["--key=value", ...] -> (settings, the keys given): each value converted to the type of its default (bools:
+    true/false); an unknown key or a value of the wrong type is an error naming it and the valid choices."""
+    cfg, given = dict(defaults), set()
+    for arg in argv:
+        if not arg.startswith("--") or "=" not in arg:
+            raise SystemExit(f"bad argument {arg!r}: use --key=value (keys: {', '.join(defaults)})")
+        key, val = arg[2:].split("=", 1)
+        if key not in defaults:
+            raise SystemExit(f"unknown setting {key!r}; valid settings: {', '.join(defaults)}")
+        kind = type(defaults[key])
+        try:
+            cfg[key] = {"true": True, "false": False}[val.lower()] if kind is bool else kind(val)
+        except (ValueError, KeyError):
+            raise SystemExit(f"setting {key}={val!r} is not a valid {kind.__name__}") from None
+        given.add(key)
+    return cfg, given
+
+
+def write_config(run, saved):
+    """config.json: every setting of the run and what it resolved to (device, splits, parameters); printed."""
+    data.atomic_write(os.path.join(run, "config.json"), json.dumps(saved, indent=2))
+    print(json.dumps(saved, indent=2))
+    return saved
+
+
+def resume(run, cfg, may_change, model, optimizer, state, rank, world, device):
+    """Continue runs/<name> from last.pt if it is there (same settings only: check_resume), else start afresh. A run
+    stopped by max_steps or the time limit goes on when the rerun raises them; one that stopped early stays done.
+    Log lines written after the checkpoint (a kill between the two) are dropped; a fresh start drops the old log."""
+    last, log, master = os.path.join(run, "last.pt"), os.path.join(run, "log.jsonl"), rank == 0
+    if os.path.exists(last):
+        check_resume(run, cfg, may_change)
+        load_state(last, run, model, optimizer, state, rank, world, device)
+        if str(state.get("done")).startswith(("max_steps", "time limit")) and state["step"] < cfg["max_steps"]:
+            del state["done"]
+        if master and os.path.exists(log):
+            data.atomic_write(log, "".join(json.dumps(x) + "\n" for x in read_log(log, state["step"])))
+    elif master and os.path.exists(log):
+        os.remove(log)
+
+
 def check_resume(run, cfg, may_change):
     """A run resumes only with the settings that made it: another fold, project, strategy, learning rate... would
     continue another run (a model trained on what is now its test fold). Each differing setting is named."""
@@ -65,6 +116,49 @@ def check_resume(run, cfg, may_change):
     if differ:
         raise SystemExit(f"{run} was started with other settings ({'; '.join(differ)}); resuming would continue "
                          f"another run. Use the same settings, another --name, or delete {run}")
+
+
+# ---- the delta: best.safetensors holds exactly the trainable tensors, the strategy in its metadata ----
+
+def trainable_state_dict(model):
+    """Exactly the trainable tensors under their model names (tied weights once, as model.shared.weight);
+    detached views of the live tensors: clone them to keep a snapshot."""
+    return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def save_trainable(model, path):
+    """The delta as safetensors, the strategy in the metadata; via a temporary file: never half-written."""
+    from safetensors.torch import save_file
+    sd = {k: v.contiguous() for k, v in trainable_state_dict(model).items()}
+    save_file(sd, f"{path}.tmp", metadata={"strategy": json.dumps(model.strategy)})
+    os.replace(f"{path}.tmp", path)
+
+
+def load_trainable(model, src):
+    """Copy a delta (a save_trainable path, or a state dict) onto a base model to which the same strategy was
+    applied: the result is the customized model bit for bit. Another strategy, option or shape: ValueError."""
+    if getattr(model, "strategy", None) is None:
+        raise ValueError("apply the delta's strategy to the model first (strategies.apply(model, name, ...))")
+    if isinstance(src, (str, os.PathLike)):
+        from safetensors import safe_open
+        with safe_open(str(src), framework="pt") as f:
+            saved, sd = json.loads((f.metadata() or {}).get("strategy", "null")), {k: f.get_tensor(k) for k in f.keys()}
+        if saved is not None and saved != model.strategy:
+            raise ValueError(f"{src}: a delta of {saved} cannot load onto a model customized with {model.strategy}")
+    else:
+        sd = src
+    own = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    missing, extra = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
+    if missing or extra:
+        raise ValueError(f"the delta does not hold this model's trainable tensors ({model.strategy['name']}): missing "
+                         f"{missing[:3]}, unexpected {extra[:3]}; was it saved from another strategy?")
+    bad = [f"{k} {tuple(sd[k].shape)} vs {tuple(p.shape)}" for k, p in own.items() if sd[k].shape != p.shape]
+    if bad:
+        raise ValueError(f"the delta's shapes do not match this model's (another model size?): {bad[:3]}")
+    with torch.no_grad():
+        for k, p in own.items():
+            p.copy_(sd[k])
+    return model
 
 
 def rng_states(device):
@@ -88,10 +182,9 @@ def save_state(path, model_state, optimizer, state, rng):
 
 def load_state(path, run, model, optimizer, state, rank, world, device):
     """Resume from last.pt: the trainable tensors, the optimizer, the loop's state and this rank's generators."""
-    import strategies
     ck = torch.load(path, map_location=device, weights_only=True)
     try:
-        strategies.load_trainable(model, ck["trainable"])
+        load_trainable(model, ck["trainable"])
         optimizer.load_state_dict(ck["optimizer"])
     except ValueError as e:  # another strategy, other options, or an older trainer
         raise SystemExit(f"{path} does not match this run's trainable parameters ({e}); "
@@ -156,3 +249,38 @@ def checksum(path):
             h.update(f.relative_to(p).as_posix().encode() if p.is_dir() else b"")
             h.update(f.read_bytes())
     return h.hexdigest()
+
+
+# ---- what evaluate.py reads and writes in a run folder ----
+
+def check_predictions(rows, path, expected_ids=()):
+    """Every row: id, reference and per model a non-empty list of strings and a token count; no test id missing."""
+    for r, m in ((r, m) for r in rows or [{}] for m in ("base", "customized")):
+        if "id" not in r or not isinstance(r.get("reference"), str) or not isinstance(r.get(m), dict):
+            raise ValueError(f"{path}: row {r.get('id', '?')} lacks id, reference or the {m} model's entry")
+        if not (r[m].get("predictions") and all(type(x) is str for x in r[m]["predictions"]) and r[m].get("tokens")):
+            raise ValueError(f"{path}: id {r['id']}: empty predictions (or no token count) for the {m} model")
+    if missing := sorted(set(expected_ids) - {r["id"] for r in rows}):
+        raise ValueError(f"{path}: predictions missing for {len(missing)} test ids, e.g. {missing[:3]}")
+
+
+def load_models(run, cfg, vocab_size, device="cpu"):
+    """The base, and base + strategy + the run's delta (strategies.py). sdpa: math's numbers, 25% faster on CPU."""
+    base, cust = (BART.from_pretrained(cfg["base"], "sdpa", expect_vocab_size=vocab_size) for _ in range(2))
+    options = {k: v for k, v in cfg.get("strategy_options", {}).items() if k != "init_ids"}  # the delta overwrites it
+    strategies.apply(cust, cfg["strategy"], **options)
+    load_trainable(cust, str(Path(run) / "best.safetensors"))
+    return base.to(device).eval(), cust.to(device).eval()
+
+
+def cached(path, compute, what):
+    """JSON computed once: read from `path`, else computed and written (atomically). A lock beside it makes
+    concurrent runs (make -j) wait for the first one's result instead of computing it twice."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        print(f"{what}: {'from ' + str(path) if path.is_file() else 'scoring'}")
+        if not path.is_file():
+            data.atomic_write(path, json.dumps(compute()))
+        return json.loads(path.read_text())

@@ -5,7 +5,7 @@ values per attention site, Li & Liang 2021), and lora (not in the paper: the usu
 
     strategies.apply(model, "lldb")   # prints "trainable X / total Y (Z%)", to compare with Table 1
     opt = torch.optim.AdamW(strategies.trainable_parameters(model), lr=3e-5)
-    strategies.save_trainable(model, "best.safetensors")   # then load_trainable(base + same strategy, path)
+    runs.save_trainable(model, "best.safetensors")   # the delta; runs.load_trainable(base + same strategy, path)
 
 Frozen weights get requires_grad=False: no gradient, no optimizer state, no autograd graph below the first
 trainable tensor (lldb's trunk). Counts, storage, FLOPs: `python flops.py --model bart-large`. Tests: `pytest
@@ -13,7 +13,6 @@ tests/test_strategies.py`. Spec: docs/checkpoints.md §7 (prefix), §10 (counts)
 """
 import json
 import math
-import os
 from collections import Counter
 
 import torch
@@ -22,6 +21,7 @@ import torch.nn.functional as F
 
 from flops import LORA_ALPHA, LORA_DEFAULT, LORA_RANK, LORA_TARGETS, PREFIX_LEN, SITES  # the defaults, once
 
+
 def _begin(model, name, **options):
     """Freeze everything and record the strategy (json-normalised: it round-trips through a file's metadata)."""
     if getattr(model, "strategy", None) is not None:
@@ -29,18 +29,22 @@ def _begin(model, name, **options):
     model.requires_grad_(False)
     model.strategy = {"name": name, "options": json.loads(json.dumps(options))}
 
+
 def _report(model):
     n, total = sum(p.numel() for p in trainable_parameters(model)), model.num_parameters()
     print(f"{model.strategy['name']}: trainable {n:,} / total {total:,} ({100 * n / total:.2f}%)")
     return model
 
+
 def trainable_parameters(model):  # hand only these to the optimizer: frozen weights get no Adam moments
     return [p for p in model.parameters() if p.requires_grad]
+
 
 def custom(model):
     _begin(model, "custom")
     model.requires_grad_(True)
     return _report(model)
+
 
 def leo(model, layernorm=False, logits_bias=False):
     """Definition C (docs/checkpoints.md §10): the shared embedding (= both embed_tokens = lm_head) + both position tables.
@@ -55,6 +59,7 @@ def leo(model, layernorm=False, logits_bias=False):
         model.final_logits_bias = nn.Parameter(model.final_logits_bias.detach().clone())
     return _report(model)  # the other readings of "53M" are in `python flops.py` (Table 1)
 
+
 def lldb(model):
     layers = model.model.decoder.layers
     if len(layers) == 0:
@@ -62,6 +67,7 @@ def lldb(model):
     _begin(model, "lldb")
     layers[-1].requires_grad_(True)  # self-attention, cross-attention, FFN and the three layer norms
     return _report(model)
+
 
 class Prefix(nn.Module):
     """{site: (n_layers, 2, H, P, head_dim)}: P keys and values per layer, already projected, which model.py puts in
@@ -94,9 +100,10 @@ class Prefix(nn.Module):
             out[s] = flat[:, start - n:start].reshape(P, L, two, H, hd).permute(1, 2, 3, 0, 4)  # -> (L, 2, H, P, hd)
         return out
 
+
 @torch.no_grad()
 def kv_of_tokens(model, ids):
-    """Spec §7: run the ids (positions 0..P-1) through the frozen encoder and, teacher-forced on the same ids, the
+    """docs/checkpoints.md §7: run the ids (positions 0..P-1) through the frozen encoder and, teacher-forced on the same ids, the
     frozen decoder; return {site: (L, 2, H, P, hd)}: encoder layer l's K/V of its input states, decoder layer l's
     self-attention K/V, and its cross-attention K/V of the encoder's final output."""
     was_training = model.training
@@ -114,6 +121,7 @@ def kv_of_tokens(model, ids):
     stack = lambda kvs: torch.stack(kvs)[:, :, 0]  # (L, 2, 1, H, P, hd) -> (L, 2, H, P, hd)
     return {"encoder": stack(enc_kv), "decoder": stack([torch.stack((c["k"], c["v"])) for c in cache]),
             "cross": stack([torch.stack((c["ck"], c["cv"])) for c in cache])}
+
 
 def prefix(model, prefix_len=PREFIX_LEN, sites=SITES, init_ids=None, mlp_hidden=0):
     """Registers a trainable Prefix as model.prefix. All three site kinds: 36 sites on bart-large, 14,745,600
@@ -145,12 +153,6 @@ def prefix(model, prefix_len=PREFIX_LEN, sites=SITES, init_ids=None, mlp_hidden=
               f"{sum(math.prod(s) for s in pre.shapes.values()):,} stored and served after merge()")
     return _report(model)
 
-def prefix_bank(prefixes):
-    """Per-project prefixes ({site: (L, 2, H, P, hd)}, e.g. each customized model's model.prefix()) -> a bank
-    {site: (N, L, 2, H, P, hd)} for model(..., prefix=(bank, prefix_index)), which mixes projects row by row."""
-    if any(sorted(p) != sorted(prefixes[0]) or any(p[s].shape != prefixes[0][s].shape for s in p) for p in prefixes):
-        raise ValueError("a prefix bank needs prefixes with the same sites and shapes")
-    return {s: torch.stack([p[s].detach() for p in prefixes]) for s in prefixes[0]}
 
 def most_frequent_ids(sequences, n, exclude=()):
     """The n most frequent token ids in `sequences` (the project's training folds), ties broken by the smaller id,
@@ -161,6 +163,7 @@ def most_frequent_ids(sequences, n, exclude=()):
         raise ValueError("no tokens to take the most frequent ids from")
     ranked = sorted(counts, key=lambda t: (-counts[t], t))[:n]
     return torch.tensor((ranked * math.ceil(n / len(ranked)))[:n], dtype=torch.long)
+
 
 class LoRALinear(nn.Module):
     """y = base(x) + (alpha / r) * B(A(x)), the base frozen; A Kaiming-uniform, B zero (as PEFT): training starts
@@ -177,6 +180,7 @@ class LoRALinear(nn.Module):
     def forward(self, x):
         return self.base(x) + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scaling
 
+
 def lora(model, r=LORA_RANK, alpha=LORA_ALPHA, targets=LORA_DEFAULT):
     """Wraps every nn.Linear named in `targets`: q_proj and v_proj of bart-large's 36 attentions (self and cross) at
     r = 8 are 1,179,648 parameters, PEFT's default for BART (docs/checkpoints.md §8)."""
@@ -186,6 +190,7 @@ def lora(model, r=LORA_RANK, alpha=LORA_ALPHA, targets=LORA_DEFAULT):
     for mod, name in [(m, n) for m in model.modules() for n, c in m.named_children() if n in targets]:
         setattr(mod, name, LoRALinear(getattr(mod, name), r, alpha))
     return _report(model)
+
 
 @torch.no_grad()
 def merge(model):
@@ -201,45 +206,9 @@ def merge(model):
         del pre.mlp, pre.wte
     return model
 
-def trainable_state_dict(model):
-    """Exactly the trainable tensors under their model names (tied weights once, as model.shared.weight);
-    detached views of the live tensors: clone them to keep a snapshot."""
-    return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
-
-def save_trainable(model, path):
-    """The delta as safetensors, the strategy in the metadata; via a temporary file: never half-written."""
-    from safetensors.torch import save_file
-    sd = {k: v.contiguous() for k, v in trainable_state_dict(model).items()}
-    save_file(sd, f"{path}.tmp", metadata={"strategy": json.dumps(model.strategy)})
-    os.replace(f"{path}.tmp", path)
-
-def load_trainable(model, src):
-    """Copy a delta (a save_trainable path, or a state dict) onto a base model to which the same strategy was
-    applied: the result is the customized model bit for bit. Another strategy, option or shape: ValueError."""
-    if getattr(model, "strategy", None) is None:
-        raise ValueError("apply the delta's strategy to the model first (strategies.apply(model, name, ...))")
-    if isinstance(src, (str, os.PathLike)):
-        from safetensors import safe_open
-        with safe_open(str(src), framework="pt") as f:
-            saved, sd = json.loads((f.metadata() or {}).get("strategy", "null")), {k: f.get_tensor(k) for k in f.keys()}
-        if saved is not None and saved != model.strategy:
-            raise ValueError(f"{src}: a delta of {saved} cannot load onto a model customized with {model.strategy}")
-    else:
-        sd = src
-    own = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    missing, extra = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
-    if missing or extra:
-        raise ValueError(f"the delta does not hold this model's trainable tensors ({model.strategy['name']}): missing "
-                         f"{missing[:3]}, unexpected {extra[:3]}; was it saved from another strategy?")
-    bad = [f"{k} {tuple(sd[k].shape)} vs {tuple(p.shape)}" for k, p in own.items() if sd[k].shape != p.shape]
-    if bad:
-        raise ValueError(f"the delta's shapes do not match this model's (another model size?): {bad[:3]}")
-    with torch.no_grad():
-        for k, p in own.items():
-            p.copy_(sd[k])
-    return model
 
 STRATEGIES = {"custom": custom, "leo": leo, "lldb": lldb, "prefix": prefix, "lora": lora}
+
 
 def apply(model, name, **options):
     """strategies.apply(model, "prefix", prefix_len=200, init_ids=ids): the named strategy with its options."""

@@ -39,7 +39,7 @@ def main():
     ap.add_argument("--max-src-len", type=int, default=256)  # train.py's CPU max_src_len (AthenaTest: 1024)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--attn", default="sdpa", help="attn_impl; evaluate.load_models uses sdpa")
+    ap.add_argument("--attn", default="sdpa", help="attn_impl; runs.load_models uses sdpa")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     tok, where = tokenizer()

@@ -24,6 +24,7 @@ sys.path.insert(0, ".")
 import flops  # noqa: E402
 import strategies  # noqa: E402
 from model import BART, config_from_preset  # noqa: E402
+from data.tokenizer import SPECIAL_IDS  # noqa: E402
 
 CASES = {"custom": {}, "leo": {}, "lldb": {}, "prefix": dict(prefix_len=200), "lora": dict(r=8)}
 GOALS = {"lldb": 0.3, "prefix": 0.6}  # peak memory as a fraction of custom's
@@ -35,7 +36,7 @@ def run(name, a, cfg, ids, dec):
         model = BART(cfg).train()
     opts = dict(CASES[name])
     if name == "prefix":  # the paper's init: the batch's most frequent tokens through the frozen model
-        opts["init_ids"] = strategies.most_frequent_ids(ids.tolist(), opts["prefix_len"], exclude={0, 1, 2, 3})
+        opts["init_ids"] = strategies.most_frequent_ids(ids.tolist(), opts["prefix_len"], exclude=SPECIAL_IDS)
     strategies.apply(model, name, **opts)
     opt = torch.optim.AdamW(strategies.trainable_parameters(model), lr=1e-5, fused=True)
     mask, labels = torch.ones_like(ids), dec.roll(-1, 1)

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import runs
 import strategies
 from model import BART, attention_math, config_from_preset
 
@@ -60,7 +61,7 @@ def test_step_changes_only_trainable_and_delta_reloads_bit_for_bit(name, tmp_pat
         assert (p.grad is None) == (n not in trainable), n  # frozen weights never get a gradient
     assert m.lm_head.weight is m.model.shared.weight  # the tie survives
     # the delta: exactly the trainable tensors, with the names each strategy should train
-    sd = strategies.trainable_state_dict(m)
+    sd = runs.trainable_state_dict(m)
     assert set(sd) == trainable
     expected = {"leo": {"model.shared.weight", "model.encoder.embed_positions.weight",
                         "model.decoder.embed_positions.weight"},
@@ -71,9 +72,9 @@ def test_step_changes_only_trainable_and_delta_reloads_bit_for_bit(name, tmp_pat
     if name == "lora":  # q_proj and v_proj in 3 encoder self + 3 decoder self + 3 cross attentions, A and B each
         assert len(sd) == 2 * 2 * 9 and all(k.endswith(("lora_A", "lora_B")) for k in sd)
     path = tmp_path / "delta.safetensors"
-    strategies.save_trainable(m, path)
+    runs.save_trainable(m, path)
     fresh = customized(name)  # same base weights, strategy applied, fresh (random) prefix/LoRA init
-    strategies.load_trainable(fresh, path)
+    runs.load_trainable(fresh, path)
     m.eval(), fresh.eval()
     ids, mask, dec = batch(seed=5)
     assert torch.equal(fresh(ids, mask, dec), m(ids, mask, dec))
@@ -164,7 +165,7 @@ def test_mixed_project_batch_generates_what_each_project_generates_alone():
         for m, seed in ((a, 1), (b, 2)):
             for t in m.prefix.kv.values():
                 t.copy_(torch.randn(t.shape, generator=torch.Generator().manual_seed(seed)) * 3)
-    bank = strategies.prefix_bank([a.prefix(), b.prefix()])
+    bank = BART.prefix_bank([a.prefix(), b.prefix()])
     ids, mask, _ = batch()
     kw = dict(num_beams=3, num_return_sequences=3, max_new_tokens=8)
     mixed, mixed_scores = base().eval().generate(ids, mask, prefix=(bank, torch.tensor([0, 1])), **kw)
@@ -201,12 +202,12 @@ def test_bad_input_gives_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="already customized"):
         strategies.apply(customized("leo"), "lldb")
     path = tmp_path / "lldb.safetensors"
-    strategies.save_trainable(customized("lldb"), path)
+    runs.save_trainable(customized("lldb"), path)
     with pytest.raises(ValueError, match="cannot load onto"):  # another strategy, read from the file's metadata
-        strategies.load_trainable(customized("leo"), path)
+        runs.load_trainable(customized("leo"), path)
     with pytest.raises(ValueError, match="another strategy"):  # another strategy, a bare state dict
-        strategies.load_trainable(customized("leo"), strategies.trainable_state_dict(customized("lldb")))
+        runs.load_trainable(customized("leo"), runs.trainable_state_dict(customized("lldb")))
     with pytest.raises(ValueError, match="shapes do not match"):  # the same strategy on another model size
-        strategies.load_trainable(customized("prefix"), strategies.trainable_state_dict(customized("prefix", prefix_len=9)))
+        runs.load_trainable(customized("prefix"), runs.trainable_state_dict(customized("prefix", prefix_len=9)))
     with pytest.raises(ValueError, match="apply the delta's strategy"):
-        strategies.load_trainable(base(), path)
+        runs.load_trainable(base(), path)
