@@ -3,8 +3,7 @@ PY        ?= .venv/bin/python
 STRATEGY  ?= lldb
 PROJECT   ?= commons-io# a target of data/projects.tsv, or the path of your own Java checkout
 FOLD      ?= 0
-BASE_PROJECTS ?= grpc-java log4j2 truth jfreechart tomcat9# the default base subset (data/__init__.py)
-# every base project: make base BASE_PROJECTS="$(shell awk -F'\t' '$$6=="base"{print $$1}' data/projects.tsv)"
+BASE_PROJECTS ?= grpc-java log4j2 truth jfreechart tomcat9# the default base subset (data/__init__.py); README: all 33
 PROJECTS  ?= $(shell awk -F'\t' '$$6=="target"{print $$1}' data/projects.tsv)
 STRATEGIES ?= custom leo lldb prefix
 FOLDS     ?= 0 1 2 3
@@ -14,12 +13,9 @@ CORPUS    = data/cache/corpus
 TOKENIZER = data/cache/tokenizer.json
 BASE      = checkpoints/base
 PNAME     = $(notdir $(abspath $(PROJECT)))
-RUN       ?= runs/$(PNAME)-$(STRATEGY)-f$(FOLD)
-comma := ,
-space := $() $()
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: help setup test bench data base train smoke experiment flops gpu-check eval report
+.PHONY: help setup test bench data base train smoke experiment flops gpu-check report
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -33,10 +29,7 @@ test:  ## run the CPU test suite (Triton kernels run in the interpreter)
 	$(PY) -m pytest tests
 
 bench:  ## CPU benchmarks: model vs HF, strategies, evaluation, src2abs (each prints a table)
-	$(PY) bench/bench_model.py
-	$(PY) bench/bench_strategies.py
-	$(PY) bench/bench_evaluate.py
-	$(PY) bench/bench_abstract.py data/cache/src
+	for b in model strategies evaluate abstract; do $(PY) bench/bench_$$b.py || exit 1; done
 
 data:  ## fetch + mine all 38 pinned projects; PROJECT=/path/to/checkout mines your own
 	$(PY) -m data.fetch $(if $(filter command line,$(origin PROJECT)),$(PROJECT))
@@ -48,13 +41,13 @@ $(TOKENIZER): $(BASE_PROJECTS:%=$(CORPUS)/%.jsonl)
 	$(PY) -m data.tokenizer --projects $(BASE_PROJECTS) --out $@
 
 $(BASE)/config.json: $(TOKENIZER)
-	$(PY) train.py --mode=base --base_projects=$(subst $(space),$(comma),$(strip $(BASE_PROJECTS))) --save_base=$(BASE) $(BASE_ARGS)
+	$(PY) train.py --mode=base "--base_projects=$(strip $(BASE_PROJECTS))" --save_base=$(BASE) $(BASE_ARGS)
 
 base: $(BASE)/config.json  ## train the base model (tiny preset, from scratch, on the base projects)
 
 train: $(TOKENIZER) $(BASE)/config.json $(CORPUS)/$(PNAME).jsonl  ## customize the base (STRATEGY, PROJECT, FOLD), then evaluate
 	$(PY) train.py --strategy=$(STRATEGY) --project=$(PROJECT) --fold=$(FOLD) --base=$(BASE) $(ARGS)
-	$(PY) evaluate.py $(RUN)
+	$(PY) evaluate.py runs/$(PNAME)-$(STRATEGY)-f$(FOLD)
 
 smoke:  ## every strategy overfits one batch of the tiny preset (seconds)
 	$(PY) -m pytest tests/test_train.py -k overfit
@@ -74,9 +67,6 @@ flops:  ## Table 1 and FLOPs per token per strategy (bart-large)
 
 gpu-check:  ## on a GPU: kernel checks, tuning sweep, SDPA benchmark, strategies, a bart-base base; one JSON (< 8 min)
 	$(PY) kernels/gpu_check.py
-
-eval:  ## score a run: base vs customized on the held-out fold (RUN=runs/<name>)
-	$(PY) evaluate.py $(RUN)
 
 report:  ## Table 3/4 and Figure 3/4 analogues from every run under runs/
 	$(PY) evaluate.py --report runs

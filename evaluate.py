@@ -24,7 +24,7 @@ metrics.json = {"base": M, "customized": M, "decoding": {...}}, written only her
 The base's predictions on a (fold, decoding, base checkpoint) are computed once and reused by every strategy's run
 (runs/.cache/, keyed by all of them; a lock keeps `make -j` from computing one twice).
 """
-import argparse, fcntl, hashlib, json, math, os, time
+import argparse, hashlib, json, math, time
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +37,6 @@ import runs
 import strategies
 from data.tokenizer import BOS, EOS, PAD, encode_pairs, load_tokenizer
 from data import atomic_write
-from model import BART
 
 K = 5  # top-k of Figure 3a
 MODELS = ("base", "customized")
@@ -160,38 +159,7 @@ def beam_search(model, src, k=K, beams=5, max_new_tokens=256, batch_size=16, dev
     return [out[i] for i in range(len(src))]
 
 
-# --- a run folder (docs/design.md) and the integration points with data/ and strategies.py ------------------
-def read_jsonl(path):
-    """JSON lines -> list of dicts; non-UTF-8 text or broken JSON is an error naming the file and the line."""
-    rows = []
-    for n, raw in enumerate(Path(path).read_bytes().splitlines(), 1):
-        try:
-            rows += [json.loads(raw.decode("utf-8"))] if raw.strip() else []
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:  # the first: not UTF-8 text; the second: not JSON
-            raise ValueError(f"{path}:{n}: not a UTF-8 JSON line ({e})") from None
-    return rows
-
-
-def check_predictions(rows, path, expected_ids=()):
-    """Every row: id, reference and per model a non-empty list of strings and a token count; no test id missing."""
-    for r, m in ((r, m) for r in rows or [{}] for m in MODELS):
-        if "id" not in r or not isinstance(r.get("reference"), str) or not isinstance(r.get(m), dict):
-            raise ValueError(f"{path}: row {r.get('id', '?')} lacks id, reference or the {m} model's entry")
-        if not (r[m].get("predictions") and all(type(x) is str for x in r[m]["predictions"]) and r[m].get("tokens")):
-            raise ValueError(f"{path}: id {r['id']}: empty predictions (or no token count) for the {m} model")
-    if missing := sorted(set(expected_ids) - {r["id"] for r in rows}):
-        raise ValueError(f"{path}: predictions missing for {len(missing)} test ids, e.g. {missing[:3]}")
-
-
-def load_models(run, cfg, vocab_size, device="cpu"):
-    """The base, and base + strategy + the run's delta (strategies.py). sdpa: math's numbers, 25% faster on CPU."""
-    base, cust = (BART.from_pretrained(cfg["base"], "sdpa", expect_vocab_size=vocab_size) for _ in range(2))
-    options = {k: v for k, v in cfg.get("strategy_options", {}).items() if k != "init_ids"}  # the delta overwrites it
-    strategies.apply(cust, cfg["strategy"], **options)
-    strategies.load_trainable(cust, str(Path(run) / "best.safetensors"))
-    return base.to(device).eval(), cust.to(device).eval()
-
-
+# --- a run on one fold: both models scored, the base once per fold and decoding (runs.cached) ---------------
 def score_model(model, tok, src, tgt, partner, k, beams, max_new_tokens, batch_size, device):
     """One model on one fold: per example its k beams with scores, and its target NLL with its own source, with
     another focal class's source (partner) and with an empty source <s></s>."""
@@ -213,8 +181,8 @@ def score_run(run, limit=None, beams=5, max_new_tokens=None, batch_size=16, devi
     decoding = dict(num_beams=beams, num_return_sequences=k, max_new_tokens=max_new_tokens, length_penalty=1.0,
                     early_stopping=True, limit=limit, abstraction="single")
     if rescore:
-        rows = read_jsonl(run / "predictions.jsonl")
-        check_predictions(rows, run / "predictions.jsonl", [r["id"] for r in test])
+        rows = data.read_jsonl(run / "predictions.jsonl")
+        runs.check_predictions(rows, run / "predictions.jsonl", [r["id"] for r in test])
         decoding = {**json.loads((run / "metrics.json").read_text())["decoding"], "rescored": True}  # as generated
     else:
         tok = load_tokenizer(cfg["tokenizer"])
@@ -222,17 +190,10 @@ def score_run(run, limit=None, beams=5, max_new_tokens=None, batch_size=16, devi
         tgt = [t[1:] for t in tgt]  # <s> t1..tn </s> -> t1..tn </s>: what train.py's decoder learns to predict
         partner, rows = data.other_class_partners(test), [{"id": r["id"], "reference": r["tgt"]} for r in test]
         score = lambda m: score_model(m, tok, src, tgt, partner, k, beams, max_new_tokens, batch_size, device)
-        base, cust = load_models(run, cfg, tok.get_vocab_size(), device)
+        base, cust = runs.load_models(run, cfg, tok.get_vocab_size(), device)
         key = hashlib.sha256(json.dumps([runs.checksum(cfg["base"]), runs.checksum(cfg["tokenizer"]), decoding, src, tgt, partner,
                                          [r["id"] for r in rows]]).encode()).hexdigest()[:20]
-        cache = run.parent / ".cache" / f"base-{key}.json"  # everything the base's scores depend on is in the key
-        cache.parent.mkdir(exist_ok=True)
-        with open(cache.with_suffix(".lock"), "w") as lock:  # make -j: one run computes, the others wait and read
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            print(f"base: {'from ' + str(cache) if cache.is_file() else 'scoring'}")
-            if not cache.is_file():
-                atomic_write(cache, json.dumps(score(base)))
-            base_rows = json.loads(cache.read_text())
+        base_rows = runs.cached(run.parent / ".cache" / f"base-{key}.json", lambda: score(base), "base")  # all in the key
         print("customized: scoring")
         for r, b, c in zip(rows, base_rows, score(cust)):
             r.update(base=b, customized=c)
@@ -244,7 +205,7 @@ def score_run(run, limit=None, beams=5, max_new_tokens=None, batch_size=16, devi
 
 
 def print_summary(run, cfg, metrics, k):
-    log = read_jsonl(run / "log.jsonl") if (run / "log.jsonl").is_file() else []
+    log = data.read_jsonl(run / "log.jsonl") if (run / "log.jsonl").is_file() else []
     sup = [l for l in log if l.get("stage", "supervised") == "supervised"]
     pf = min(sup, key=lambda l: l["val_loss"])["pf_s_exact"] if sup else 0.0  # compute up to the kept checkpoint
     cols = ("exact@1", f"exact@{k}", "abstracted@1", f"abstracted@{k}")
@@ -297,7 +258,7 @@ def report(root):
             ax.plot(range(1, k + 1), [100 * mean(f"{kind}@{j}", c) for j in range(1, k + 1)], ls, color=f"C{i}",
                     label=f"{c} {kind}")
         cos = [row[who]["style_cosine"] for key, (_, d, who) in E.items() if key[2] == c
-               and (d / "predictions.jsonl").is_file() for row in read_jsonl(d / "predictions.jsonl")]
+               and (d / "predictions.jsonl").is_file() for row in data.read_jsonl(d / "predictions.jsonl")]
         bx.hist(cos, bins=20, range=(0, 1), histtype="step", density=True, color=f"C{i}", label=c)
     for who, (ex, ab) in PAPER_F3.items():
         ax.plot([1, 1], [ex, ab], "x", color="k" if who == "base" else "grey", label=f"paper {who} top-1")
@@ -308,7 +269,7 @@ def report(root):
     for ax, key in zip(axes, ("pf_s_paper", "pf_s_exact")):
         for c in cols[1:]:
             curves = [xy for f in logs[c] if f.is_file() for xy in [np.array([(l[key], l["val_loss"])
-                      for l in read_jsonl(f) if l.get("val_loss") is not None]).T] if xy.size]
+                      for l in data.read_jsonl(f) if l.get("val_loss") is not None]).T] if xy.size]
             for x, y in curves:  # light: each project and fold
                 ax.plot(x, y, color=f"C{cols.index(c)}", alpha=0.3, lw=0.8)
             if curves:  # bold: the mean over the compute range that every run covers
@@ -333,7 +294,7 @@ def generate_tests(run, java, method, k=K, beams=5, max_new_tokens=None, device=
         names = ", ".join(sorted({m["identifier"] for c in classes for m in c["methods"]})) or "none"
         raise ValueError(f"{java}: no method {method!r} in a top-level class (its methods: {names})")
     tok, src = load_tokenizer(cfg["tokenizer"]), corpus_strings(*hits[0])[f"src_{cfg['focal_context']}"]  # what the base reads
-    model = load_models(run, cfg, tok.get_vocab_size(), device)[1]
+    model = runs.load_models(run, cfg, tok.get_vocab_size(), device)[1]
     src = encode_pairs(tok, [{"src": src, "tgt": ""}], cfg["max_src_len"])[0]
     (seqs, scores), = beam_search(model, src, min(k, beams), beams, max_new_tokens or cfg["max_tgt_len"], 1, device)
     return list(zip(scores, tok.decode_batch(seqs)))
@@ -362,4 +323,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    data.cli(main)

@@ -209,4 +209,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    from data import cli
+    cli(main)

@@ -34,7 +34,7 @@ import flops
 import runs
 import strategies
 from data import denoise
-from data.tokenizer import BOS, EOS, PAD, SPECIAL_IDS, encode_pairs, load_tokenizer
+from data.tokenizer import EOS, PAD, SPECIAL_IDS, encode_pairs, load_tokenizer
 from model import BART, config_from_preset
 
 # -----------------------------------------------------------------------------
@@ -45,7 +45,7 @@ settings = dict(
     name="",  # the run folder runs/<name>; default "base", or <project>-<strategy>-f<fold>
     out_dir="runs",
     project=data.DEFAULT_TARGET,  # customize: a target of data/projects.tsv, a records .jsonl, or a mined checkout
-    base_projects=",".join(data.DEFAULT_BASE),  # base: comma-separated project names
+    base_projects=",".join(data.DEFAULT_BASE),  # base: project names, separated by commas or spaces
     fold=0,  # customize: the held-out fold of k_folds (paper: 4-fold cross-validation per project)
     k_folds=4,
     seed=0,
@@ -74,6 +74,7 @@ settings = dict(
     dropout=0.1,
     attention_dropout=0.0,  # replaces the checkpoint's value (the Triton kernel has none: it needs 0)
     denoise_steps=0,  # base: steps of BART text infilling before the supervised stage (make base sets it)
+    denoise_every=0,  # base: every k-th supervised step is a denoising step instead (0 = none)
     encoder_delay=0,  # steps before the encoder's own tensors train (then they warm up): see encoder_lr
     denoise_batch_size=0,  # denoising: windows per batch (0 = batch_size; short windows: more of them)
     denoise_window=0,  # denoising: tokens per window (0 = as long as the model's sources and targets allow)
@@ -89,27 +90,16 @@ LR = {"base": 1e-3, "custom": 2e-4, "leo": 1e-3, "lldb": 1e-3, "prefix": 3e-3, "
 # --mode=base: these replace the defaults above (any of them given on the command line wins): the recipe of the
 # README's "The base model" section, measured on 2 CPU cores
 BASE_DEFAULTS = dict(tokenizer="data/cache/tokenizer.json", focal_context="fm_fc", max_src_len=128, max_tgt_len=128,
-                     denoise_steps=400, denoise_window=32, denoise_batch_size=48, encoder_delay=100, max_steps=1000,
-                     warmup_steps=100, eval_interval=100, patience=6)
+                     denoise_steps=400, denoise_every=4, denoise_window=32, denoise_batch_size=48, encoder_delay=100,
+                     max_steps=1400, warmup_steps=100, eval_interval=100, patience=6)
 # a base without training.json (real BART or AthenaTest weights): what AthenaTest read
 FOREIGN_BASE = dict(tokenizer="data/cache/tokenizer.json", focal_context="fm_fc_ms_ff", max_src_len=1024, max_tgt_len=1024)
 RESUMABLE = ("max_steps", "max_minutes", "patience", "eval_interval", "device")  # may change when a run resumes
 
 
 def parse_args(argv, defaults):
-    cfg, given = dict(defaults), set()
-    for arg in argv:
-        if not arg.startswith("--") or "=" not in arg:
-            raise SystemExit(f"bad argument {arg!r}: use --key=value (keys: {', '.join(defaults)})")
-        key, val = arg[2:].split("=", 1)
-        if key not in defaults:
-            raise SystemExit(f"unknown setting {key!r}; valid settings: {', '.join(defaults)}")
-        kind = type(defaults[key])
-        try:
-            cfg[key] = {"true": True, "false": False}[val.lower()] if kind is bool else kind(val)
-        except (ValueError, KeyError):
-            raise SystemExit(f"setting {key}={val!r} is not a valid {kind.__name__}") from None
-        given.add(key)
+    """--key=value settings -> (cfg, the keys given), checked, with the mode's defaults filled in."""
+    cfg, given = runs.parse_settings(argv, defaults)
     if cfg["mode"] not in ("base", "customize"):
         raise SystemExit(f"mode must be 'base' or 'customize', got {cfg['mode']!r}")
     cfg["strategy"] = "custom" if cfg["mode"] == "base" else cfg["strategy"]
@@ -117,8 +107,8 @@ def parse_args(argv, defaults):
         raise SystemExit(f"unknown strategy {cfg['strategy']!r}; valid: {', '.join(strategies.STRATEGIES)}")
     if cfg["focal_context"] and cfg["focal_context"] not in data.FOCAL_CONTEXTS:
         raise SystemExit(f"focal_context must be one of {', '.join(data.FOCAL_CONTEXTS)}, got {cfg['focal_context']!r}")
-    if cfg["mode"] == "customize" and cfg["denoise_steps"]:
-        raise SystemExit("denoise_steps is a stage of the base (--mode=base); a customization is supervised only")
+    if cfg["mode"] == "customize" and (cfg["denoise_steps"] or cfg["denoise_every"]):
+        raise SystemExit("denoising is part of the base (--mode=base); a customization is supervised only")
     if cfg["attn_impl"] == "triton" and cfg["attention_dropout"] > 0:
         raise SystemExit(f"attn_impl=triton has no attention dropout but attention_dropout={cfg['attention_dropout']}:"
                          f" set --attention_dropout=0 or --attn_impl=sdpa")
@@ -227,6 +217,7 @@ def main(argv):
     cfg, given = parse_args(argv, settings)
     if cfg["mode"] == "customize":
         cfg = runs.base_settings(cfg, given, FOREIGN_BASE)
+        cfg["base_checksum"] = runs.checksum(cfg["base"])  # a resume onto another base (same path) is refused
     ddp = "RANK" in os.environ  # launched by torchrun: data parallel (base training)
     rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
     cuda = cfg["device"].startswith("cuda") or (cfg["device"] == "auto" and torch.cuda.is_available())
@@ -237,12 +228,12 @@ def main(argv):
         torch.distributed.init_process_group("nccl" if cuda else "gloo")
     master = rank == 0
     torch.manual_seed(cfg["seed"] + rank)  # dropout masks differ across ranks; the data order is seeded apart
-    run = runs.open_run(cfg["out_dir"], cfg["name"])
 
     # data: records -> splits -> token ids, in the focal context the base reads (src_<focal_context>)
     tok, key = load_tokenizer(cfg["tokenizer"]), f"src_{cfg['focal_context']}"
     if cfg["mode"] == "base":  # the base has no test fold: 5% of its test classes validate
-        (train_r, val_r), test_r = data.holdout(data.load_projects(cfg["base_projects"].split(",")), seed=cfg["seed"]), []
+        records = data.load_projects(cfg["base_projects"].replace(",", " ").split())
+        (train_r, val_r), test_r = data.holdout(records, seed=cfg["seed"]), []
     else:
         train_r, val_r, test_r = data.folds(data.load_project(cfg["project"]), cfg["fold"], cfg["k_folds"], cfg["seed"])
     if not train_r or not val_r:
@@ -250,13 +241,12 @@ def main(argv):
                          f" (fold {cfg['fold']}) is empty: the project has too few test classes")
     train_src, train_tgt, n_trunc = encode_pairs(tok, train_r, cfg["max_src_len"], cfg["max_tgt_len"], src_key=key)
     val = (*encode_pairs(tok, val_r, cfg["max_src_len"], cfg["max_tgt_len"], src_key=key)[:2], data.other_class_partners(val_r))
-    if cfg["denoise_steps"]:  # the denoising stage's text: the training records' Java, never the validation's
-        width = cfg["denoise_window"] or min(cfg["max_src_len"], cfg["max_tgt_len"]) - 2
+    if cfg["denoise_steps"] or cfg["denoise_every"]:  # text: the training records' Java, never the validation's
         noise = dict(ratio=cfg["mask_ratio"], poisson_lambda=cfg["poisson_lambda"])
-        dn_windows = denoise.windows(tok, denoise.texts(train_r, cfg["focal_context"]), width)
-        dn_src, dn_tgt = denoise.noised_pairs(tok, denoise.windows(tok, denoise.texts(val_r, cfg["focal_context"]), width)[:256],
-                                              cfg["seed"], -1, **noise)  # a fixed noising of (at most) 256 windows
-        dn_val = (dn_src, dn_tgt, [(i + len(dn_src) // 2) % len(dn_src) for i in range(len(dn_src))])
+        width = cfg["denoise_window"] or min(cfg["max_src_len"], cfg["max_tgt_len"]) - 2
+        dn_windows, dn_val = denoise.stage(tok, train_r, val_r, cfg["focal_context"], width, cfg["seed"], **noise)
+
+    run = runs.open_run(cfg["out_dir"], cfg["name"])  # after the data: a bad input leaves no empty run folder
 
     # model: from scratch (base) or the base checkpoint + a strategy (customize)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
@@ -290,32 +280,24 @@ def main(argv):
     train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if cuda else None) if ddp else model
 
     # resume: last.pt holds the trainable tensors, optimizer, step, data position, RNG and early-stopping state
-    state = dict(step=0, epoch=0, batch=0, dn_epoch=0, dn_batch=0, tokens=0, flops_exact=0.0, flops_paper=0.0,
+    state = dict(step=0, epoch=0, batch=0, dn_epoch=0, dn_batch=0, dn_steps=0, tokens=0, flops_exact=0.0, flops_paper=0.0,
                  best_val=float("inf"), best_step=-1, bad_evals=0, seconds=0.0)
     last, log = os.path.join(run, "last.pt"), os.path.join(run, "log.jsonl")
-    if os.path.exists(last):
-        runs.check_resume(run, cfg, RESUMABLE)
-        runs.load_state(last, run, model, optimizer, state, rank, world, device)
-        if str(state.get("done")).startswith(("max_steps", "time limit")) and state["step"] < cfg["max_steps"]:
-            del state["done"]  # stopped by a budget this rerun raises: go on (early stopping stays final)
-        if master and os.path.exists(log):  # drop lines logged after the checkpoint (a kill between the two)
-            data.atomic_write(log, "".join(json.dumps(x) + "\n" for x in runs.read_log(log, state["step"])))
-    elif master and os.path.exists(log):
-        os.remove(log)  # a fresh start: the old log is stale
+    runs.resume(run, cfg, RESUMABLE, model, optimizer, state, rank, world, device)  # a fresh start if no last.pt
     if master:
-        saved = {**cfg, "strategy_options": options, "corpus": cfg["project"], "resolved": dict(device=device, attn_impl=attn_impl),
-                 "trainable_parameters": sum(p.numel() for p in params), "total_parameters": model.num_parameters(),
-                 "truncated_training_pairs": n_trunc, "splits": dict(train=len(train_r), val=len(val_r), test=len(test_r))}
-        data.atomic_write(os.path.join(run, "config.json"), json.dumps(saved, indent=2))
-        print(json.dumps(saved, indent=2))
+        saved = runs.write_config(run, {**cfg, "strategy_options": options, "corpus": cfg["project"],
+                                        "resolved": dict(device=device, attn_impl=attn_impl),
+                                        "trainable_parameters": sum(p.numel() for p in params),
+                                        "total_parameters": model.num_parameters(), "truncated_training_pairs": n_trunc,
+                                        "splits": dict(train=len(train_r), val=len(val_r), test=len(test_r))})
         print(f"parameters: {model.num_parameters():,} total, {saved['trainable_parameters']:,} trainable; {len(train_r)} "
               f"training pairs ({n_trunc} truncated), {len(val_r)} validation pairs"
-              + (f"; denoising: {len(dn_windows)} windows of <= {width} tokens" if cfg["denoise_steps"] else ""))
+              + (f"; denoising: {len(dn_windows)} windows of <= {width} tokens" if cfg["denoise_steps"] or cfg["denoise_every"] else ""))
 
     def checkpoint():  # all ranks call it: every rank's generators are gathered into last.pt
         rng = runs.gather(runs.rng_states(device), ddp, world)
         if master:
-            runs.save_state(last, strategies.trainable_state_dict(model), optimizer, state, rng)
+            runs.save_state(last, runs.trainable_state_dict(model), optimizer, state, rng)
 
     def validate(stage):
         """Validation at the current step: a log line, the best checkpoint (supervised stage), the resume state."""
@@ -329,8 +311,8 @@ def main(argv):
             state.update(best_val=check["val_loss"], best_step=state["step"], bad_evals=0)
         state["bad_evals"] += stage == "supervised" and not better
         if master:
-            line = dict(step=state["step"], stage=stage, tokens=state["tokens"], flops_exact=state["flops_exact"],
-                        flops_paper=state["flops_paper"], pf_s_exact=state["flops_exact"] / 1e15,
+            line = dict(step=state["step"], stage=stage, denoising_steps=state["dn_steps"], tokens=state["tokens"],
+                        flops_exact=state["flops_exact"], flops_paper=state["flops_paper"], pf_s_exact=state["flops_exact"] / 1e15,
                         pf_s_paper=state["flops_paper"] / 1e15, train_loss=train_loss, **check,
                         seconds=round(state["seconds"], 2))
             with open(log, "a") as f:
@@ -340,13 +322,13 @@ def main(argv):
                   f"source_gain {check['source_gain']:.3f} | empty-source loss {check['val_loss_empty_source']:.3f} | "
                   f"encoder spread {check['encoder_spread']:.3f}")
             if better:
-                strategies.save_trainable(model, os.path.join(run, "best.safetensors"))
+                runs.save_trainable(model, os.path.join(run, "best.safetensors"))
         checkpoint()
 
     t0, t_step = time.time() - state["seconds"], time.time()
     train_loss, reason = float("nan"), state.get("done") or "max_steps"
     noised = [None, None, None]  # (denoising epoch, its noised sources, targets)
-    if state["step"] == 0 and not state.get("done") and cfg["mode"] == "customize":
+    if state["best_step"] < 0 and not state.get("done") and cfg["mode"] == "customize":  # (not again on resume)
         validate("supervised")  # step 0: the base itself is a candidate; a customization that only hurts keeps it
     model.train()
     while state["step"] < cfg["max_steps"] and not state.get("done"):
@@ -355,8 +337,10 @@ def main(argv):
         for g in optimizer.param_groups:
             g["lr"] = encoder_lr(state["step"], cfg) if g["encoder"] else lr
         step_loss, step_fl, step_tokens = 0.0, None, 0
+        every = cfg["denoise_every"]  # in the supervised stage: every k-th step reconstructs Java instead
+        noising = stage == "denoise" or (every > 0 and (state["step"] - cfg["denoise_steps"]) % every == every - 1)
         for micro in range(cfg["grad_accum"]):
-            if stage == "denoise":  # this epoch's noise on every window (seeded by the epoch: resumable)
+            if noising:  # this epoch's noise on every window (seeded by the epoch: resumable)
                 if noised[0] != state["dn_epoch"]:
                     noised[:] = state["dn_epoch"], *denoise.noised_pairs(tok, dn_windows, cfg["seed"], state["dn_epoch"], **noise)
                 S, T, ek, bk, size = noised[1], noised[2], "dn_epoch", "dn_batch", cfg["denoise_batch_size"] or cfg["batch_size"]
@@ -386,13 +370,14 @@ def main(argv):
         if ddp:  # what every rank ran, summed (ranks' batches differ in length)
             torch.distributed.all_reduce(done := done.to(device))
         state["step"] += 1
+        state["dn_steps"] += noising
         state["tokens"] += int(done[0])
         state["flops_exact"] += float(done[1])
         state["flops_paper"] += float(done[2])
         train_loss = step_loss
         dt, t_step = time.time() - t_step, time.time()
         if master and (state["step"] % 5 == 0 or state["step"] == 1):
-            print(f"step {state['step']:5d} | {stage} | loss {step_loss:.4f} | lr {lr:.2e} | {dt * 1e3:.0f} ms | "
+            print(f"step {state['step']:5d} | {'denoise' if noising else stage} | loss {step_loss:.4f} | lr {lr:.2e} | {dt * 1e3:.0f} ms | "
                   f"{float(done[0]) / dt:.0f} tok/s | {float(done[1]) / dt / 1e12:.3f} TFLOP/s | "
                   f"{state['flops_exact'] / 1e15:.4f} PF-s | eta <= {(cfg['max_steps'] - state['step']) * dt / 60:.1f} min")
         out_of_time = cfg["max_minutes"] > 0 and time.time() - t0 > cfg["max_minutes"] * 60
@@ -410,7 +395,7 @@ def main(argv):
     best = os.path.join(run, "best.safetensors")
     if not os.path.exists(best):
         raise SystemExit(f"no supervised validation loss was reached before stopping ({reason}); nothing saved in {run}")
-    strategies.load_trainable(model, best)
+    runs.load_trainable(model, best)
     if reason != "non-finite loss" and not state.get("done"):
         state["done"] = reason  # a finished run: rerunning it resumes into "nothing to do"
     checkpoint()
@@ -420,7 +405,7 @@ def main(argv):
               f"{state['flops_exact'] / 1e15:.4f} PF-s (exact), {state['flops_paper'] / 1e15:.4f} PF-s (paper); "
               f"{time.time() - t0:.0f} s")
         if cfg["mode"] == "base":
-            runs.save_base(model, cfg, {k: cfg[k] for k in ("preset", "base_projects", "denoise_steps", "max_steps", "lr")})
+            runs.save_base(model, cfg, {k: cfg[k] for k in ("preset", "base_projects", "denoise_steps", "denoise_every", "max_steps", "lr")})
             print(f"base model saved to {cfg['save_base']}")
     if ddp:
         torch.distributed.destroy_process_group()
@@ -428,4 +413,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    data.cli(main, sys.argv[1:])

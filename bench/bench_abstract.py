@@ -26,7 +26,7 @@ def methods_under(root, n):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument('root')
+    ap.add_argument('root', nargs='?', default='data/cache/src', help='folder of Java sources (default: the fetched projects)')
     ap.add_argument('--n', type=int, default=10000)
     args = ap.parse_args()
     methods = methods_under(args.root, args.n)

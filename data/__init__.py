@@ -79,8 +79,33 @@ def load_project(name_or_path):
     if not path.exists():
         hint = f"make data PROJECT={name_or_path}" if p.is_dir() else f"python -m data.fetch {name_or_path}"
         raise FileNotFoundError(f"project {name_or_path!r} has no mined corpus at {path}; run `{hint}` first")
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
+    records = read_jsonl(path)
+    if records and not all(isinstance(r, dict) and "tgt" in r and any(k.startswith("src") for k in r) for r in records):
+        raise ValueError(f"{path}: not a corpus of records (each line a JSON object with a source and tgt): mine one with "
+                         f"`python -m data.mine DIR --out {path.name}`")
+    return records
+
+
+def read_jsonl(path):
+    """JSON lines -> list of values; non-UTF-8 text or broken JSON is an error naming the file and the line."""
+    rows = []
+    for n, raw in enumerate(Path(path).read_bytes().splitlines(), 1):
+        try:
+            rows += [json.loads(raw.decode("utf-8"))] if raw.strip() else []
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:  # the first: not UTF-8 text; the second: not JSON
+            raise ValueError(f"{path}:{n}: not a UTF-8 JSON line ({e})") from None
+    return rows
+
+
+def cli(main, *args):
+    """Run a command-line entry point: an expected error (a missing file, a bad value, a file of another kind, an
+    unwritable folder) ends it with one line naming the input, not a traceback (DEBUG=1 shows the traceback)."""
+    try:
+        return main(*args)
+    except (OSError, ValueError, KeyError) as e:
+        if os.environ.get("DEBUG"):
+            raise
+        raise SystemExit(f"error: {e.args[0] if isinstance(e, KeyError) and e.args else e}") from None
 
 
 def load_projects(names):
@@ -161,7 +186,7 @@ def other_class_partners(records):
     key = lambda r: f"{r['project']}:{r['focal_class']['file']}:{r['focal_class']['identifier']}"
     keys = [key(r) for r in records]
     if len(set(keys)) < 2:
-        keys = [r.get("src_fm", r["src"]) for r in records]  # the focal method itself
+        keys = [r.get("src_fm") or r.get("src") for r in records]  # the focal method itself
     if len(set(keys)) < 2:
         raise ValueError(f"source_gain needs records of at least two focal methods, got {len(set(keys))} "
                          f"({len(records)} records): the split is too small to tell whether a model reads its input")

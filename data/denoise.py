@@ -85,6 +85,16 @@ def noised_pairs(tok, windows_, seed, epoch, ratio=0.3, poisson_lambda=3.0):
     return src, [[BOS] + w + [EOS] for w in windows_]
 
 
+def stage(tok, train_records, val_records, focal_context, width, seed, n_val=256, **noise):
+    """The denoising stage's data: the windows of the training records (noised afresh every epoch with
+    noised_pairs) and a fixed validation set, one noising of (at most) n_val windows of the validation records, as
+    (sources, targets, partners) for train.source_check: each window's partner is the one half-way round."""
+    val_windows = windows(tok, texts(val_records, focal_context), width)[:n_val]
+    src, tgt = noised_pairs(tok, val_windows, seed, -1, **noise)
+    return windows(tok, texts(train_records, focal_context), width), (src, tgt, [(i + len(src) // 2) % len(src)
+                                                                               for i in range(len(src))])
+
+
 def main():
     import data
     from data.tokenizer import load_tokenizer
@@ -104,4 +114,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    from data import cli
+    cli(main)

@@ -28,7 +28,7 @@ import tarfile
 import time
 from pathlib import Path
 
-from data import CACHE, PROJECTS_TSV, read_projects
+from data import CACHE, PROJECTS_TSV, cli, read_projects
 
 
 def project_row(name):
@@ -224,4 +224,4 @@ def main():
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli(main))

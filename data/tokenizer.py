@@ -66,7 +66,12 @@ def load_tokenizer(path):
     if not p.is_file():
         raise FileNotFoundError(f"no tokenizer at {path}: expected tokenizer.json or a folder with vocab.json + "
                                 "merges.txt; build ours with `make data/cache/tokenizer.json`")
-    return check_mask(_pipeline(Tokenizer.from_file(str(p))), path)
+    try:
+        tok = Tokenizer.from_file(str(p))
+    except Exception as e:  # the tokenizers library raises a bare Exception for a file of another kind
+        raise ValueError(f"{path}: not a tokenizer.json of the tokenizers library ({e}); build ours with "
+                         f"`make data/cache/tokenizer.json`") from None
+    return check_mask(_pipeline(tok), path)
 
 
 def _cut(ids, n):
@@ -122,4 +127,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    from data import cli
+    cli(main)

@@ -76,7 +76,8 @@ def test_old_tokenizer_without_mask_is_refused(tmp_path):
 
 def test_other_class_partners_same_project_other_class_and_stable():
     """The partner of every record is of another focal class, of the same project when that project has two focal
-    classes (else of another project), never itself; the pairing is the same on every call (no salted hash)."""
+    classes (else of another project), never itself; the pairing is the same on every call (no salted hash); a set
+    of one focal class pairs records of different focal methods, and one of a single focal method is refused."""
     from data import holdout, other_class_partners
     rec = lambda p, c, t: {"project": p, "focal_class": {"file": f"{c}.java", "identifier": c},
                            "test_class": {"file": f"{t}.java", "identifier": t}}
@@ -86,8 +87,10 @@ def test_other_class_partners_same_project_other_class_and_stable():
     assert all(fc(i) != fc(j) for i, j in enumerate(partner))
     assert all(records[j]["project"] == "a" for j in partner)  # b's only class pairs with a; a stays within a
     assert partner == other_class_partners(records) and len(set(partner[:12])) > 3  # stable, and spread out
-    with pytest.raises(ValueError, match="at least two focal classes"):
+    with pytest.raises(ValueError, match="at least two focal methods, got 1"):  # one class, one method: refused
         other_class_partners(records[12:])
+    one_class = [dict(records[12], src_fm=f"int m{i}() {{ return {i}; }}") for i in range(4)]
+    assert all(one_class[j]["src_fm"] != r["src_fm"] for r, j in zip(one_class, other_class_partners(one_class)))
     train, val = holdout(records[:12], fraction=0.25)
     assert {r["test_class"]["identifier"] for r in train}.isdisjoint({r["test_class"]["identifier"] for r in val})
     assert 3 <= len(val) <= 6 and len(train) + len(val) == 12

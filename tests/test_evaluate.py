@@ -15,7 +15,9 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.metrics.pairwise import cosine_similarity
 
 import abstract_java
+import data
 import evaluate as ev
+import runs
 from model import BART, BARTConfig
 
 transformers = pytest.importorskip("transformers")
@@ -135,21 +137,21 @@ def test_non_utf8_and_broken_json_name_the_line(tmp_path):
     f = tmp_path / "predictions.jsonl"
     f.write_bytes(b'{"id": "a"}\n{"id": "caf\xe9"}\n')
     with pytest.raises(ValueError, match=r"predictions.jsonl:2: not a UTF-8 JSON line"):
-        ev.read_jsonl(f)
+        data.read_jsonl(f)
     f.write_bytes(b'{"id": "a"}\n\n{"id": \n')
     with pytest.raises(ValueError, match=r"predictions.jsonl:3: not a UTF-8 JSON line"):
-        ev.read_jsonl(f)
+        data.read_jsonl(f)
 
 
 def test_predictions_missing_ids_or_empty_are_named():
     row = lambda i, p: {"id": i, "reference": "x", **{m: dict(predictions=p, nll=1.0, tokens=3) for m in ev.MODELS}}
-    ev.check_predictions([row("a", ["x"]), row("b", ["y", "z"])], "P", ["a", "b"])
+    runs.check_predictions([row("a", ["x"]), row("b", ["y", "z"])], "P", ["a", "b"])
     with pytest.raises(ValueError, match=r"P: predictions missing for 2 test ids, e.g. \['c', 'd'\]"):
-        ev.check_predictions([row("a", ["x"])], "P", ["a", "c", "d"])
+        runs.check_predictions([row("a", ["x"])], "P", ["a", "c", "d"])
     with pytest.raises(ValueError, match=r"P: id b: empty predictions .* base model"):
-        ev.check_predictions([row("a", ["x"]), row("b", [])], "P")
+        runs.check_predictions([row("a", ["x"]), row("b", [])], "P")
     with pytest.raises(ValueError, match=r"P: row \? lacks id"):
-        ev.check_predictions([], "P")
+        runs.check_predictions([], "P")
 
 
 def test_run_without_checkpoint_and_unknown_method(tmp_path):
@@ -194,7 +196,7 @@ def test_score_run_rescore_report_and_generate(tmp_path, capsys):
     with torch.no_grad():
         # the customized model must differ from the base (a shift of fc2.bias would not: LayerNorm removes it)
         model.model.decoder.layers[-1].fc2.weight.normal_(std=1.0)
-    strategies.save_trainable(model, str(run / "best.safetensors"))
+    runs.save_trainable(model, str(run / "best.safetensors"))
     metrics = ev.score_run(run, limit=4, beams=3, max_new_tokens=6, batch_size=3)
     keys = {"bleu4", "perplexity", *(f"{k}@{j}" for k in ("exact", "abstracted") for j in range(1, 4)),  # 3 beams
             "style_cosine", "syntax_valid", "n", "perplexity_mean_per_example", "source_gain",
@@ -209,7 +211,7 @@ def test_score_run_rescore_report_and_generate(tmp_path, capsys):
     ev.score_run(run, limit=4, beams=3, max_new_tokens=6, batch_size=3)  # again: the base comes from the cache
     assert "base: scoring" in base_scored and "base: from " in capsys.readouterr().out
     assert json.loads((run / "metrics.json").read_text()) == saved
-    rows = ev.read_jsonl(run / "predictions.jsonl")
+    rows = data.read_jsonl(run / "predictions.jsonl")
     assert len(rows) == 4 and all(len(r[m]["predictions"]) == 3 == len(r[m]["scores"]) for r in rows for m in ev.MODELS)
     ev.main([str(run), "--rescore", "--limit", "4", "--beams", "3"])  # the same numbers from predictions.jsonl
     assert {m: json.loads((run / "metrics.json").read_text())[m] for m in ev.MODELS} == metrics

@@ -1,0 +1,196 @@
+"""train.py, the run around the loop: kill -9 + resume equals an uninterrupted run bit for bit (CPU); a resume with
+another setting is refused and a log line cut by a kill is survived; bad input fails clearly; torchrun data
+parallel on CPU (gloo) sums what each rank ran; attention dropout with the Triton kernel is a printed choice; the
+base's two stages (and a denoising mix) and the training.json it carries. Run: `make test`."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import data
+import runs
+import train
+from data.tokenizer import encode_pairs, load_tokenizer, train_tokenizer
+from model import BART
+from train_fixtures import ROOT, args, records, workspace  # noqa: F401 (fixtures)
+
+
+def run_cli(d, name, extra=(), wait_for_evals=None):
+    cmd = [sys.executable, os.path.join(ROOT, "train.py")] + args(d, name=name, strategy="custom", max_steps=18) + list(extra)
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if wait_for_evals:  # kill -9 once that many evaluations are logged (mid-run, no chance to clean up)
+        log = d / "runs" / name / "log.jsonl"
+        while p.poll() is None and not (log.exists() and len(log.read_text().splitlines()) >= wait_for_evals):
+            time.sleep(0.05)
+        p.send_signal(signal.SIGKILL)
+    out = p.communicate()[0]
+    return p.returncode, out
+
+
+def test_kill_and_resume_equals_uninterrupted(workspace):
+    """A run killed with SIGKILL and resumed ends with bit-identical validation losses and weights."""
+    d, _ = workspace
+    rc, out = run_cli(d, "straight")
+    assert rc == 0, out
+    rc, _ = run_cli(d, "killed", wait_for_evals=2)
+    assert rc == -signal.SIGKILL
+    rc, out = run_cli(d, "killed")
+    assert rc == 0 and "resumed" in out, out
+    a = [json.loads(x) for x in open(d / "runs" / "straight" / "log.jsonl")]
+    b = [json.loads(x) for x in open(d / "runs" / "killed" / "log.jsonl")]
+    assert [x["val_loss"] for x in a] == [x["val_loss"] for x in b] and [x["step"] for x in a] == [x["step"] for x in b]
+    wa, wb = load_file(d / "runs" / "straight" / "best.safetensors"), load_file(d / "runs" / "killed" / "best.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_bad_input_fails_clearly(workspace, tmp_path):
+    """Unknown key, wrong type, unknown project, too few classes, vocabulary mismatch, resuming a run with another
+    strategy, unwritable folder."""
+    d, _ = workspace
+    for argv, msg in [(["--nope=1"], "unknown setting 'nope'"), (["--batch_size=x"], "not a valid int"),
+                      (["--strategy=magic"], "unknown strategy 'magic'")]:
+        with pytest.raises(SystemExit, match=msg):
+            train.main(argv)
+    with pytest.raises(KeyError, match="unknown project 'no-such-project'"):
+        train.main(args(d, name="u", project="no-such-project"))
+    with open(tmp_path / "tiny.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records(n_classes=3))
+    with pytest.raises(ValueError, match="too few records"):
+        train.main(args(d, name="few", project=tmp_path / "tiny.jsonl"))
+    other = train_tokenizer(["a b c"], vocab_size=280, min_frequency=1)
+    other.save(str(tmp_path / "other.json"))
+    with pytest.raises(ValueError, match="tokenizer has"):
+        train.main(args(d, name="v", tokenizer=tmp_path / "other.json"))
+    train.main(args(d, name="other", strategy="custom", max_steps=3, eval_interval=3, out_dir=tmp_path / "runs"))
+    with pytest.raises(SystemExit, match=r"other settings \(strategy: 'custom' -> 'lldb'; lr: "):  # resume, other strategy
+        train.main(args(d, name="other", strategy="lldb", max_steps=6, eval_interval=3, out_dir=tmp_path / "runs"))
+    (tmp_path / "afile").write_text("")  # a folder under a regular file cannot be made, not even by root
+    with pytest.raises(SystemExit, match="cannot write the run folder"):
+        train.main(args(d, name="x", out_dir=tmp_path / "afile" / "runs"))
+
+
+def test_torchrun_data_parallel_on_cpu(workspace):
+    """torchrun with 2 gloo processes trains a base model and saves it (the multi-GPU path, smoke-tested)."""
+    d, _ = workspace
+    with open(d / "big.jsonl", "w") as f:  # base mode validates on one 20th of the test classes: needs > 20
+        f.writelines(json.dumps(r) + "\n" for r in records(n_classes=25, per_class=1))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+           os.path.join(ROOT, "train.py")] + args(d, name="ddp", mode="base", base_projects=d / "big.jsonl",
+                                                  save_base=d / "ddp_base", max_steps=4, eval_interval=2,
+                                                  denoise_steps=0, denoise_every=0)  # pairs only: recomputed below
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assert BART.from_pretrained(d / "ddp_base").config.vocab_size == BART.from_pretrained(d / "base").config.vocab_size
+    # tokens: the sum of what both ranks ran (each half of every global batch), recomputed here from the data plan
+    cfg, _ = train.parse_args(args(d, mode="base", denoise_steps=0), train.settings)
+    train_r, _ = data.holdout(data.load_project(d / "big.jsonl"))
+    src, tgt, _ = encode_pairs(load_tokenizer(d / "tokenizer.json"), train_r, cfg["max_src_len"], cfg["max_tgt_len"],
+                               src_key=f"src_{cfg['focal_context']}")
+    lengths, want, epoch, b = [len(s) + len(t) for s, t in zip(src, tgt)], 0, 0, 0
+    for step in range(4):
+        plan = train.batches(lengths, 2 * cfg["batch_size"], cfg["seed"], epoch)
+        want += sum(len(tgt[i]) - 1 for i in plan[b])
+        b = b + 1 if b + 1 < len(plan) else 0
+        epoch += b == 0
+    log = [json.loads(x) for x in open(d / "runs" / "ddp" / "log.jsonl")]
+    assert log[-1]["step"] == 4 and log[-1]["tokens"] == want
+    rng = torch.load(d / "runs" / "ddp" / "last.pt", weights_only=True)["rng"]  # each rank's own generator state
+    assert len(rng) == 2 and not torch.equal(rng[0]["cpu"], rng[1]["cpu"])
+    with pytest.raises(SystemExit, match=r"saved by 2 processes, this run has 1"):  # a rank's state cannot be dropped
+        train.main(args(d, name="ddp", mode="base", base_projects=d / "big.jsonl", save_base=d / "ddp_base", max_steps=4,
+                        eval_interval=2, denoise_steps=0, denoise_every=0))
+
+
+def test_attention_dropout_with_the_triton_kernel_is_a_printed_choice(workspace, tmp_path, capsys):
+    """A checkpoint with attention_dropout = 0.1 customized with attn_impl=triton: the run's setting (0.0, which the
+    kernel supports) replaces the checkpoint's, and says so; asking for both is refused before anything runs."""
+    d, tok = workspace
+    cfg = BART.from_pretrained(d / "base").config
+    cfg.attention_dropout = 0.1
+    BART(cfg).save_pretrained(tmp_path / "dropout_base")
+    kw = dict(name="t", base=tmp_path / "dropout_base", out_dir=tmp_path / "runs", attn_impl="triton", strategy="lldb",
+              max_steps=1, eval_interval=1)
+    with pytest.raises(SystemExit, match=r"attn_impl=triton has no attention dropout but attention_dropout=0.1"):
+        train.main(args(d, **kw, attention_dropout=0.1))
+    model = train.main(args(d, **kw))
+    assert "attention_dropout: the checkpoint's 0.1 replaced by this run's 0.0" in capsys.readouterr().out
+    assert model.config.attention_dropout == 0.0 and model.config.attn_impl == "triton"
+
+
+def test_resume_with_another_setting_is_refused_and_a_cut_log_line_survived(workspace, tmp_path, capsys):
+    """A rerun resumes only with the settings that made the run (another fold would train on its test fold), and a
+    log line cut short by a kill is dropped with a message; a corrupt line elsewhere is an error naming the line."""
+    d, _ = workspace
+    kw = dict(name="r", strategy="lldb", max_steps=3, eval_interval=3, out_dir=tmp_path / "runs")
+    train.main(args(d, **kw))
+    with pytest.raises(SystemExit, match=r"other settings \(fold: 0 -> 1\).*another --name, or delete"):
+        train.main(args(d, **kw, fold=1))
+    log = tmp_path / "runs" / "r" / "log.jsonl"
+    lines = log.read_text().splitlines()
+    log.write_text("\n".join(lines) + "\n" + lines[-1][:25])  # a kill in the middle of writing a line
+    train.main(args(d, **{**kw, "max_steps": 6}))  # max_steps may change: the run goes on
+    assert "dropping a partial last line" in capsys.readouterr().out
+    assert [json.loads(x)["step"] for x in log.read_text().splitlines()] == [0, 3, 6]
+    log.write_text("{broken\n" + log.read_text())
+    with pytest.raises(SystemExit, match=r"log.jsonl:1: corrupt log line"):
+        train.main(args(d, **{**kw, "max_steps": 9}))
+    import shutil  # the same base path holding another base: the run is not continued on it
+    shutil.copytree(d / "base", tmp_path / "base")
+    train.main(args(d, **{**kw, "name": "rb", "base": tmp_path / "base"}))
+    torch.manual_seed(1)
+    BART(BART.from_pretrained(tmp_path / "base").config).save_pretrained(tmp_path / "base")
+    with pytest.raises(SystemExit, match=r"other settings \(base_checksum: "):
+        train.main(args(d, **{**kw, "name": "rb", "base": tmp_path / "base", "max_steps": 6}))
+
+
+def test_base_two_stages_and_training_json(workspace, tmp_path, capsys):
+    """make base's shape: denoising steps, then supervised ones, each logged with its stage and source_gain; the
+    saved base carries training.json; a customization inherits it and refuses a conflicting setting by name."""
+    d, _ = workspace
+    with open(tmp_path / "big.jsonl", "w") as f:  # base mode holds out 5% of the test classes: needs > 20
+        f.writelines(json.dumps(r) + "\n" for r in records(n_classes=25, per_class=2))
+    train.main(args(d, name="b", mode="base", base_projects=tmp_path / "big.jsonl", save_base=tmp_path / "base",
+                    out_dir=tmp_path / "runs", denoise_steps=3, max_steps=6, focal_context="fm", max_src_len=40,
+                    max_tgt_len=48))
+    log = [json.loads(x) for x in open(tmp_path / "runs" / "b" / "log.jsonl")]
+    assert [(x["step"], x["stage"]) for x in log] == [(3, "denoise"), (6, "supervised")]
+    assert all(x["source_gain"] > 0 and "val_loss_empty_source" in x and "encoder_spread" in x for x in log)
+    train.main(args(d, name="mix", mode="base", base_projects=tmp_path / "big.jsonl", save_base=tmp_path / "mix",
+                    out_dir=tmp_path / "runs", denoise_steps=2, denoise_every=2, max_steps=6, eval_interval=3))
+    mix = [json.loads(x) for x in open(tmp_path / "runs" / "mix" / "log.jsonl")]  # steps 0, 1 denoise; then 3, 5
+    assert [(x["step"], x["stage"], x["denoising_steps"]) for x in mix] == [(2, "denoise", 2), (3, "supervised", 2),
+                                                                           (6, "supervised", 4)]
+    trained = json.load(open(tmp_path / "base" / "training.json"))
+    assert {k: trained[k] for k in runs.CARRIED} == dict(tokenizer=os.path.relpath(d / "tokenizer.json", ROOT),
+                                                          focal_context="fm", max_src_len=40, max_tgt_len=48)
+    kw = dict(name="c", base=tmp_path / "base", out_dir=tmp_path / "runs", max_steps=3, eval_interval=3)
+    with pytest.raises(SystemExit, match=r"--focal_context=fm_fc differs from the base's focal_context=fm"):
+        train.main(args(d, **kw, focal_context="fm_fc"))
+    train.main(args(d, **kw))
+    saved = json.load(open(tmp_path / "runs" / "c" / "config.json"))
+    assert (saved["focal_context"], saved["max_src_len"], saved["max_tgt_len"]) == ("fm", 40, 48)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train.py", "--project={d}/notjson.jsonl"], r"^error: .*notjson.jsonl:1: not a UTF-8 JSON line"),
+    (["train.py", "--mode=base", "--tokenizer={d}/notjson.jsonl"], r"^error: .*notjson.jsonl: not a tokenizer.json"),
+    (["evaluate.py", "{d}"], r"^error: .*: no config.json \(not a run folder\)"),
+    (["-m", "data.tokenizer", "--projects", "no-such-project", "--out", "{d}/t.json"], r"^error: unknown project"),
+])
+def test_command_line_errors_are_one_line(tmp_path, argv, message):
+    """An expected error at an entry point (data.cli) is one line naming the input, with no traceback."""
+    import re
+    (tmp_path / "notjson.jsonl").write_text("not json\n")
+    cmd = [sys.executable] + [a.format(d=tmp_path) for a in argv]
+    p = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"},
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-1500:]
+    assert re.search(message, p.stderr.strip().splitlines()[-1]), p.stderr[-500:]
