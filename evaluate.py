@@ -11,20 +11,18 @@ metrics.json = {"base": M, "customized": M, "decoding": {...}}, written only her
 - perplexity: exp(total NLL / total target tokens) over the fold, teacher-forced, pads excluded. As train.py (and
   fairseq, AthenaTest) the decoder reads </s> t1..tn and predicts t1..tn </s>: </s> counts, data/'s leading <s> does
   not. The tables use this per-token figure (§3.2); `perplexity_mean_per_example` is stored beside it;
-- exact@j, abstracted@j for j = 1..k, k the beams returned (at most 5): share of examples where one of the first j
-  beams equals the reference with all whitespace deleted (§3.3), or after src2abs (`abstract_java.abstract`,
-  compat=False) of each side ON ITS OWN: pair mode's shared ids would make `x` and `y` VAR_1 and VAR_2, i.e. no
-  masking at all (abstracted = exact, against Figure 3a);
+- exact@j, abstracted@j (j = 1..k, the beams returned): share of examples with one of the first j beams equal to the
+  reference, all whitespace deleted (§3.3), or after src2abs of each side ON ITS OWN (`abstract_java.abstract`,
+  compat=False; pair mode's shared ids would keep `x` and `y` apart: abstracted = exact, against Figure 3a);
 - style_cosine: mean cosine of (top-1, reference) in a tf-idf space fit per project on identifier documents
   (`abstract_java.identifiers`) of the reference and generated tests; syntax_valid: share of non-empty top-1 tests
   that tree-sitter-java parses in `class _ { ... }` without ERROR or MISSING nodes; n: examples scored;
 - source_gain = perplexity_other_source / perplexity: the targets scored against the source of an example of
   ANOTHER focal class (data.other_class_partners) over their own; 1.0 exactly for a model that ignores its input
   (docs/source-gain.md); perplexity_empty_source: against the empty source <s></s>.
-The base's predictions on a (fold, decoding, base checkpoint) are computed once and reused by every strategy's run
-(runs/.cache/, keyed by all of them; a lock keeps `make -j` from computing one twice).
+The base's scores on a (fold, decoding, base, tokenizer) are computed once for every strategy's run (runs/.cache/).
 """
-import argparse, hashlib, json, math, time
+import argparse, json, math, time
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +34,6 @@ import data
 import runs
 import strategies
 from data.tokenizer import BOS, EOS, PAD, encode_pairs, load_tokenizer
-from data import atomic_write
 
 K = 5  # top-k of Figure 3a
 MODELS = ("base", "customized")
@@ -163,8 +160,7 @@ def beam_search(model, src, k=K, beams=5, max_new_tokens=256, batch_size=16, dev
 def score_model(model, tok, src, tgt, partner, k, beams, max_new_tokens, batch_size, device):
     """One model on one fold: per example its k beams with scores, and its target NLL with its own source, with
     another focal class's source (partner) and with an empty source <s></s>."""
-    t0 = time.time()
-    own, other, empty = source_nll(model, src, tgt, [src[j] for j in partner], batch_size, device)
+    t0, (own, other, empty) = time.time(), source_nll(model, src, tgt, [src[j] for j in partner], batch_size, device)
     beam = beam_search(model, src, k, beams, max_new_tokens, batch_size, device)
     out = [{"predictions": tok.decode_batch(seqs), "scores": scores, "nll": s, "tokens": n, "nll_other_source": so,
             "nll_empty_source": se} for (s, n), (so, _), (se, _), (seqs, scores) in zip(own, other, empty, beam)]
@@ -191,15 +187,14 @@ def score_run(run, limit=None, beams=5, max_new_tokens=None, batch_size=16, devi
         partner, rows = data.other_class_partners(test), [{"id": r["id"], "reference": r["tgt"]} for r in test]
         score = lambda m: score_model(m, tok, src, tgt, partner, k, beams, max_new_tokens, batch_size, device)
         base, cust = runs.load_models(run, cfg, tok.get_vocab_size(), device)
-        key = hashlib.sha256(json.dumps([runs.checksum(cfg["base"]), runs.checksum(cfg["tokenizer"]), decoding, src, tgt, partner,
-                                         [r["id"] for r in rows]]).encode()).hexdigest()[:20]
-        base_rows = runs.cached(run.parent / ".cache" / f"base-{key}.json", lambda: score(base), "base")  # all in the key
+        key = [runs.checksum(cfg["base"]), runs.checksum(cfg["tokenizer"]), decoding, src, tgt, partner, [r["id"] for r in rows]]
+        base_rows = runs.cached(run.parent / ".cache", "base", key, lambda: score(base))  # all it depends on is in key
         print("customized: scoring")
         for r, b, c in zip(rows, base_rows, score(cust)):
             r.update(base=b, customized=c)
     metrics = {name: model_metrics(rows, name, k) for name in MODELS}
-    atomic_write(run / "predictions.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    atomic_write(run / "metrics.json", json.dumps({**metrics, "decoding": decoding}, indent=1))
+    data.atomic_write(run / "predictions.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    data.atomic_write(run / "metrics.json", json.dumps({**metrics, "decoding": decoding}, indent=1))
     print_summary(run, cfg, metrics, k)
     return metrics
 
@@ -278,7 +273,7 @@ def report(root):
                         lw=2, label=c)
         ax.set(xlabel=f"compute (PF-s, {key[5:]} FLOP convention)", ylabel="validation loss"), ax.legend()
     fig.tight_layout(), fig.savefig(root / "fig4.png", dpi=120)
-    atomic_write(root / "report.md", "\n".join(md + ["![Figure 3](fig3.png)", "", "![Figure 4](fig4.png)", ""]))
+    data.atomic_write(root / "report.md", "\n".join(md + ["![Figure 3](fig3.png)", "", "![Figure 4](fig4.png)", ""]))
     print("\n".join(md))
 
 
@@ -307,8 +302,7 @@ def main(argv=None):
                      ("--limit", dict(type=int)), ("--rescore", dict(action="store_true")), ("--method", {}),
                      ("--beams", dict(type=int, default=5)), ("--max-new-tokens", dict(type=int)),
                      ("--batch-size", dict(type=int, default=16)), ("--run", dict(dest="generate_run")),
-                     ("--k", dict(type=int, default=K)),
-                     ("--device", dict(default="cuda" if torch.cuda.is_available() else "cpu"))]:
+                     ("--k", dict(type=int, default=K)), ("--device", dict(default="cuda" if torch.cuda.is_available() else "cpu"))]:
         ap.add_argument(flag, **kw)
     a = ap.parse_args(argv)
     if a.run == "generate" and a.generate_run and a.java and a.method:

@@ -64,6 +64,10 @@ PRESETS = {
 }
 
 
+# the three names of the one shared embedding in an HF checkpoint (model.shared.weight is the tensor itself)
+TIED = ("lm_head.weight", "model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight")
+
+
 def config_from_preset(name, **overrides):
     if name not in PRESETS:
         raise ValueError(f"unknown model preset {name!r}; valid presets: {', '.join(PRESETS)}")
@@ -240,7 +244,8 @@ class DecoderLayer(nn.Module):
 
 def positions(mask, T, past, device):
     """Learned-position rows. Padding-aware (fairseq's make_positions): the i-th real token gets position i
-    whatever the padding side, so right- and left-padded inputs agree; pads get position 0 (never attended)."""
+    whatever the padding side, so right- and left-padded inputs agree; left pads get position 0, right pads repeat the last real position
+    (neither is ever attended)."""
     if mask is None:
         return torch.arange(past, past + T, device=device)[None, :]  # (1, T)
     return (mask.long().cumsum(dim=1) - 1).clamp(min=0) + past  # (B, T)
@@ -479,7 +484,7 @@ class BART(nn.Module):
         with torch.device("meta"):
             model = cls(config)
         expected = {k: v for k, v in model.state_dict().items()}
-        tied = {"lm_head.weight", "model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight"}
+        tied = set(TIED)
         for k in expected:
             if k not in sd and k not in tied:
                 raise KeyError(f"{path}: missing tensor {k!r}")
@@ -501,7 +506,7 @@ class BART(nn.Module):
         parent = os.path.dirname(os.path.abspath(out_dir))
         os.makedirs(parent, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
-        skip = {"lm_head.weight", "model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight"}
+        skip = set(TIED)
         sd = {k: v.detach().contiguous() for k, v in self.state_dict().items() if k not in skip and not k.startswith("prefix.")}
         save_file(sd, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         hf = {**asdict(self.config), "model_type": "bart", "architectures": ["BartForConditionalGeneration"],
@@ -577,7 +582,7 @@ def _read_hf_dir(path):
 
 def _check_tied(sd, path):
     """Tied copies (lm_head, both embed_tokens) may be present or absent; when present they must equal shared."""
-    for k in ("lm_head.weight", "model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight"):
+    for k in TIED:
         if k in sd:
             t = sd.pop(k)
             if "model.shared.weight" in sd and not torch.equal(t, sd["model.shared.weight"]):

@@ -273,10 +273,11 @@ def load_models(run, cfg, vocab_size, device="cpu"):
     return base.to(device).eval(), cust.to(device).eval()
 
 
-def cached(path, compute, what):
-    """JSON computed once: read from `path`, else computed and written (atomically). A lock beside it makes
-    concurrent runs (make -j) wait for the first one's result instead of computing it twice."""
-    path = Path(path)
+def cached(folder, what, key, compute):
+    """JSON computed once per key (any JSON value: everything the result depends on): read from
+    folder/<what>-<sha256 of key>.json, else computed and written (atomically). A lock beside it makes concurrent
+    runs (make -j) wait for the first one's result instead of computing it twice."""
+    path = Path(folder) / f"{what}-{hashlib.sha256(json.dumps(key).encode()).hexdigest()[:20]}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)

@@ -54,11 +54,11 @@ def read_projects(path=PROJECTS_TSV):
     return [dict(zip(header, r + [""] * (len(header) - len(r)))) for r in rows]
 
 
-# `make train` defaults (the Makefile repeats them as TARGET / BASE). The target: Apache Commons IO, 524 pairs in
+# `make train` defaults (the Makefile repeats them as PROJECT / BASE_PROJECTS). The target: Apache Commons IO, 524 pairs in
 # 78 mapped test classes, the spec's worked example. The base subset: 4,948 pairs from five base projects of
 # different domains (RPC, logging, assertions, charts, a web server), with median sources of 200-350 tokens,
 # small enough for a CPU run of the whole pipeline. All 33 base projects (20,933 pairs) are one variable away
-# (`python -m data.tokenizer --all-base`, BASE=... in the Makefile).
+# (`python -m data.tokenizer --all-base`, BASE_PROJECTS=... in the Makefile).
 FOCAL_CONTEXTS = ("fm", "fm_fc", "fm_fc_co", "fm_fc_ms", "fm_fc_ms_ff")  # methods2test's levels: record["src_" + level]
 DEFAULT_TARGET = "commons-io"
 DEFAULT_BASE = ["grpc-java", "log4j2", "truth", "jfreechart", "tomcat9"]

@@ -30,7 +30,7 @@ def _pipeline(tok):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.RobertaProcessing(("</s>", EOS), ("<s>", BOS))  # <s> A </s>
-    for name, i in zip(SPECIALS, range(4)):
+    for name, i in zip(SPECIALS, SPECIAL_IDS):  # ids 0-3 fixed; <mask> depends on the vocabulary
         assert tok.token_to_id(name) == i, f"special token {name} must have id {i}, has {tok.token_to_id(name)}"
     return tok
 

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 import runs
 import strategies
 import train
+from data.tokenizer import SPECIAL_IDS
 from model import BART
 from train_fixtures import NO_AUTOCAST, OVERFIT_LR, args, pretrained, records, workspace  # noqa: F401 (fixtures)
 
@@ -24,7 +25,7 @@ def test_overfit_one_batch(workspace, pretrained, name):
     batch_recs = records(n_classes=13)[-4:]  # class 12: not in the base's training data
     src, tgt = ([e.ids for e in tok.encode_batch([r[k] for r in batch_recs])] for k in ("src", "tgt"))
     options = train.strategy_options(train.parse_args([f"--strategy={name}", "--prefix_len=16"], train.settings)[0])
-    init = {"init_ids": strategies.most_frequent_ids(src + tgt, 16, exclude=range(4))} if name == "prefix" else {}
+    init = {"init_ids": strategies.most_frequent_ids(src + tgt, 16, exclude=SPECIAL_IDS)} if name == "prefix" else {}
     strategies.apply(model, name, **options, **init)
     opt = torch.optim.AdamW(strategies.trainable_parameters(model), lr=OVERFIT_LR[name])
     batch = train.collate(src, tgt, "cpu")

@@ -180,7 +180,7 @@ def test_base_two_stages_and_training_json(workspace, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["train.py", "--project={d}/notjson.jsonl"], r"^error: .*notjson.jsonl:1: not a UTF-8 JSON line"),
+    (["train.py", "--project={d}/notjson.jsonl", "--tokenizer={d}/tok.json"], r"^error: .*notjson.jsonl:1: not a UTF-8 JSON line"),
     (["train.py", "--mode=base", "--tokenizer={d}/notjson.jsonl"], r"^error: .*notjson.jsonl: not a tokenizer.json"),
     (["evaluate.py", "{d}"], r"^error: .*: no config.json \(not a run folder\)"),
     (["-m", "data.tokenizer", "--projects", "no-such-project", "--out", "{d}/t.json"], r"^error: unknown project"),
@@ -189,6 +189,7 @@ def test_command_line_errors_are_one_line(tmp_path, argv, message):
     """An expected error at an entry point (data.cli) is one line naming the input, with no traceback."""
     import re
     (tmp_path / "notjson.jsonl").write_text("not json\n")
+    train_tokenizer(["a b c"], vocab_size=280, min_frequency=1).save(str(tmp_path / "tok.json"))
     cmd = [sys.executable] + [a.format(d=tmp_path) for a in argv]
     p = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"},
                        capture_output=True, text=True, timeout=120)
