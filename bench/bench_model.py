@@ -17,6 +17,7 @@ Each ratio is against its reference measured in the same run; medians of --reps 
 import argparse
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -84,9 +85,10 @@ def main():
     torch.manual_seed(0)
     cfg = config_from_preset(args.preset, attn_impl="sdpa")
     ours = BART(cfg)
-    with tempfile.TemporaryDirectory() as d:
-        ours.save_pretrained(d + "/m")
-        hf = transformers.BartForConditionalGeneration.from_pretrained(d + "/m", attn_implementation="sdpa")
+    d = tempfile.mkdtemp()
+    ours.save_pretrained(d + "/m")
+    load_hf = lambda: transformers.BartForConditionalGeneration.from_pretrained(d + "/m", attn_implementation="sdpa")
+    hf, initial = load_hf(), {k: v.clone() for k, v in ours.state_dict().items()}
     print(f"machine: {platform.processor() or platform.machine()} ({os.cpu_count()} cores), "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}, transformers {transformers.__version__}")
     print(f"preset {args.preset}: {ours.num_parameters():,} parameters, fp32, train mode (dropout {cfg.dropout})\n")
@@ -116,7 +118,9 @@ def main():
             rows.append((f"  the same, ours under torch.compile (compile {time.perf_counter() - t0:.0f} s)",
                          timeit(lambda: step_ours(compiled), args.reps), t_hf))
     shares = profile(step_ours)
-    ours.eval(), hf.eval()
+    ours.load_state_dict(initial), ours.eval()  # the training steps moved both models apart: the same weights again
+    hf = load_hf().eval()
+    shutil.rmtree(d)
     gb, kw = args.gen_batch, dict(num_beams=5, num_return_sequences=5, max_new_tokens=args.new_tokens)
     ids, mask = ids[:gb], mask[:gb]
 
@@ -126,7 +130,7 @@ def main():
     def gen_hf():
         with torch.no_grad():
             return hf.generate(input_ids=ids, attention_mask=mask, do_sample=False, early_stopping=True,
-                               no_repeat_ngram_size=0, forced_bos_token_id=None, forced_eos_token_id=None,
+                               no_repeat_ngram_size=0, min_length=0, length_penalty=1.0, forced_bos_token_id=None, forced_eos_token_id=None,
                                output_scores=True, return_dict_in_generate=True, **kw)
     (so, sc_o), h = gen_ours(), gen_hf()
     same_seq = so.shape == h.sequences.shape and torch.equal(so, h.sequences)
