@@ -10,7 +10,8 @@ was never released) and the customization of a base model to one project with on
 
 The base is trained as AthenaTest was (Tufano et al. 2020): first `denoise_steps` of BART text infilling on the
 base projects' Java (data/denoise.py), then the supervised stage on their focal-method/test pairs, from the
-denoised weights. Every evaluation logs `source_gain`, the perplexity of the validation targets with another focal
+denoised weights, with every `denoise_every`-th step a denoising batch still (the recipe: BASE_DEFAULTS; what was
+tried: README, "The base model"). Every evaluation logs `source_gain`, the perplexity of the validation targets with another focal
 class's source over the perplexity with their own: 1.0 means the model ignores its input (docs/source-gain.md).
 
 A run folder runs/<name>/ holds config.json (everything needed to rerun), log.jsonl (one line per evaluation),
