@@ -11,8 +11,9 @@ bottom.
     runs/.cache/base-<key>.json   the base's scores on one fold and decoding, shared by every strategy (cached)
     checkpoints/base/training.json  focal context, lengths and tokenizer the base learned with
 
-The loaders of a run's models (load_models), of a delta onto a base (load_trainable) and the --key=value settings
-parser (parse_settings) live here too: both train.py and evaluate.py need them, and neither should import the other.
+The delta's own files (save_trainable, load_trainable: train.py writes and resumes them, evaluate.py loads them
+through load_models) and train.py's --key=value settings parser (parse_settings) live here too, so that neither
+train.py nor evaluate.py imports the other.
 
 Nothing here is unpickled beyond tensors (torch.load weights_only=True); every file is written through a temporary
 file and a rename (data.atomic_write).
@@ -130,8 +131,7 @@ def save_trainable(model, path):
     """The delta as safetensors, the strategy in the metadata; via a temporary file: never half-written."""
     from safetensors.torch import save_file
     sd = {k: v.contiguous() for k, v in trainable_state_dict(model).items()}
-    save_file(sd, f"{path}.tmp", metadata={"strategy": json.dumps(model.strategy)})
-    os.replace(f"{path}.tmp", path)
+    data.atomic_write(path, lambda p: save_file(sd, p, metadata={"strategy": json.dumps(model.strategy)}))
 
 
 def load_trainable(model, src):
