@@ -13,7 +13,7 @@ bottom.
 
 The delta's own files (save_trainable, load_trainable: train.py writes and resumes them, evaluate.py loads them
 through load_models) and train.py's --key=value settings parser (parse_settings) live here too, so that neither
-train.py nor evaluate.py imports the other.
+train.py nor evaluate.py imports the other; so does resolve, what a run's "auto" settings come to on this machine.
 
 Nothing here is unpickled beyond tensors (torch.load weights_only=True); every file is written through a temporary
 file and a rename (data.atomic_write).
@@ -33,6 +33,10 @@ from model import BART
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CARRIED = ("tokenizer", "focal_context", "max_src_len", "max_tgt_len")  # what a base passes on to its customizations
+RECORDED = ("preset", "base_projects", "denoise_steps", "denoise_every", "max_steps", "lr")  # and its recipe
+# train.py's loop at step 0 (its state in last.pt): data position per stream, tokens, FLOPs, early stopping, time
+FRESH = dict(step=0, epoch=0, batch=0, dn_epoch=0, dn_batch=0, dn_steps=0, tokens=0, flops_exact=0.0, flops_paper=0.0,
+             best_val=float("inf"), best_step=-1, bad_evals=0, seconds=0.0)
 
 
 def open_run(out_dir, name):
@@ -44,6 +48,25 @@ def open_run(out_dir, name):
     except OSError as e:
         raise SystemExit(f"cannot write the run folder {run}: {e.strerror}; choose another --out_dir") from None
     return run
+
+
+def resolve(cfg):
+    """(ddp, rank, world, cuda, device, attn_impl): under torchrun data parallel, every rank on its own GPU; auto:
+    the GPU if there is one, and the Triton kernel on it (sdpa on CPU, or with attention dropout: said)."""
+    ddp = "RANK" in os.environ  # launched by torchrun: data parallel (base training)
+    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
+    cuda = cfg["device"].startswith("cuda") or (cfg["device"] == "auto" and torch.cuda.is_available())
+    local = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
+    device = local if cfg["device"] == "auto" and cuda else cfg["device"].replace("auto", "cpu")
+    if cuda:
+        torch.cuda.set_device(device)  # before NCCL: every rank its own GPU, not all on cuda:0
+    if ddp:
+        torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    attn_impl = "triton" if cuda and not cfg["attention_dropout"] else "sdpa"
+    if cuda and cfg["attn_impl"] == "auto" and attn_impl == "sdpa":
+        print(f"attention: sdpa, not the Triton kernel, which has no attention dropout (attention_dropout="
+              f"{cfg['attention_dropout']}; --attention_dropout=0 selects the kernel)")
+    return ddp, rank, world, cuda, device, cfg["attn_impl"] if cfg["attn_impl"] != "auto" else attn_impl
 
 
 def read_log(path, upto_step=None):
@@ -83,27 +106,62 @@ def parse_settings(argv, defaults):
     return cfg, given
 
 
-def write_config(run, saved):
-    """config.json: every setting of the run and what it resolved to (device, splits, parameters); printed."""
+def write_config(run, saved, note=""):
+    """config.json: every setting of the run and what it resolved to (device, splits, parameters); printed, then
+    the parameters and the data in a line (and `note`)."""
     data.atomic_write(os.path.join(run, "config.json"), json.dumps(saved, indent=2))
     print(json.dumps(saved, indent=2))
-    return saved
+    print(f"parameters: {saved['total_parameters']:,} total, {saved['trainable_parameters']:,} trainable; "
+          f"{saved['splits']['train']} training pairs ({saved['truncated_training_pairs']} truncated), "
+          f"{saved['splits']['val']} validation pairs{note}")
 
 
-def resume(run, cfg, may_change, model, optimizer, state, rank, world, device):
-    """Continue runs/<name> from last.pt if it is there (same settings only: check_resume), else start afresh. A run
-    stopped by max_steps or the time limit goes on when the rerun raises them; one that stopped early stays done.
-    Log lines written after the checkpoint (a kill between the two) are dropped; a fresh start drops the old log."""
-    last, log, master = os.path.join(run, "last.pt"), os.path.join(run, "log.jsonl"), rank == 0
-    if os.path.exists(last):
-        check_resume(run, cfg, may_change)
-        load_state(last, run, model, optimizer, state, rank, world, device)
-        if str(state.get("done")).startswith(("max_steps", "time limit")) and state["step"] < cfg["max_steps"]:
-            del state["done"]
-        if master and os.path.exists(log):
-            data.atomic_write(log, "".join(json.dumps(x) + "\n" for x in read_log(log, state["step"])))
-    elif master and os.path.exists(log):
-        os.remove(log)
+def resume(run, cfg, may_change, model, optimizer, rank, world, device):
+    """The loop's state: FRESH, or runs/<name>'s last.pt if it is there (same settings only: check_resume), loaded
+    with the trainable tensors, the optimizer and this rank's generators. A run stopped by max_steps or the time
+    limit goes on when the rerun raises them; one that stopped early stays done. Log lines written after the
+    checkpoint (a kill between the two) are dropped; a fresh start drops the old log."""
+    last, log, state = os.path.join(run, "last.pt"), os.path.join(run, "log.jsonl"), dict(FRESH)
+    if not os.path.exists(last):
+        if rank == 0 and os.path.exists(log):
+            os.remove(log)
+        return state
+    check_resume(run, cfg, may_change)
+    ck = torch.load(last, map_location=device, weights_only=True)
+    try:
+        load_trainable(model, ck["trainable"])
+        optimizer.load_state_dict(ck["optimizer"])
+    except ValueError as e:  # another strategy, other options, or an older trainer
+        raise SystemExit(f"{last} does not match this run's trainable parameters ({e}); "
+                         f"start a fresh run: delete {run} or choose another --name") from None
+    if len(ck["rng"]) != world:
+        raise SystemExit(f"{last} was saved by {len(ck['rng'])} processes, this run has {world}: resume with "
+                         f"--nproc_per_node={len(ck['rng'])}")
+    state.update(ck["state"])
+    torch.set_rng_state(ck["rng"][rank]["cpu"])
+    if device.startswith("cuda"):
+        torch.cuda.set_rng_state(ck["rng"][rank]["cuda"], device)
+    print(f"resumed {run} at step {state['step']} (best val loss {state['best_val']:.4f})")
+    if str(state.get("done")).startswith(("max_steps", "time limit")) and state["step"] < cfg["max_steps"]:
+        del state["done"]
+    if rank == 0 and os.path.exists(log):
+        data.atomic_write(log, "".join(json.dumps(x) + "\n" for x in read_log(log, state["step"])))
+    return state
+
+
+def log_evaluation(run, state, stage, train_loss, check, better):
+    """A line of log.jsonl: the step and its stage, the denoising steps, tokens, FLOPs and PF-s so far, the last
+    training loss, the validation's numbers (`check`, train.source_check) and the seconds so far; printed in short."""
+    line = dict(step=state["step"], stage=stage, denoising_steps=state["dn_steps"], tokens=state["tokens"],
+                flops_exact=state["flops_exact"], flops_paper=state["flops_paper"],
+                pf_s_exact=state["flops_exact"] / 1e15, pf_s_paper=state["flops_paper"] / 1e15, train_loss=train_loss,
+                **check, seconds=round(state["seconds"], 2))
+    with open(os.path.join(run, "log.jsonl"), "a") as f:
+        f.write(json.dumps(line) + "\n")
+    print(f"step {state['step']} ({stage}): val loss {check['val_loss']:.4f}{' (best)' if better else ''} | "
+          + (f"denoise_gain {check['denoise_gain']:.2f} | " if stage == "denoise" else "") +
+          f"source_gain {check['source_gain']:.3f} | empty-source loss {check['val_loss_empty_source']:.3f} | "
+          f"encoder spread {check['encoder_spread']:.3f}")
 
 
 def check_resume(run, cfg, may_change):
@@ -142,7 +200,8 @@ def load_trainable(model, src):
     if isinstance(src, (str, os.PathLike)):
         from safetensors import safe_open
         with safe_open(str(src), framework="pt") as f:
-            saved, sd = json.loads((f.metadata() or {}).get("strategy", "null")), {k: f.get_tensor(k) for k in f.keys()}
+            saved = json.loads((f.metadata() or {}).get("strategy", "null"))
+            sd = {k: f.get_tensor(k) for k in f.keys()}
         if saved is not None and saved != model.strategy:
             raise ValueError(f"{src}: a delta of {saved} cannot load onto a model customized with {model.strategy}")
     else:
@@ -161,60 +220,48 @@ def load_trainable(model, src):
     return model
 
 
-def rng_states(device):
-    """This process's random generators: the CPU one, and the current CUDA device's (dropout draws from it)."""
-    return dict(cpu=torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state(device)} if device.startswith("cuda") else {}))
-
-
-def gather(obj, ddp, world):
-    """[obj of rank 0, obj of rank 1, ...] under DDP (a collective: every rank calls it); [obj] alone."""
-    if not ddp:
-        return [obj]
-    out = [None] * world
-    torch.distributed.all_gather_object(out, obj)
-    return out
-
-
-def save_state(path, model_state, optimizer, state, rng):
-    data.atomic_write(path, lambda p: torch.save(dict(trainable=model_state, optimizer=optimizer.state_dict(),
-                                                      state=dict(state), rng=rng), p))
-
-
-def load_state(path, run, model, optimizer, state, rank, world, device):
-    """Resume from last.pt: the trainable tensors, the optimizer, the loop's state and this rank's generators."""
-    ck = torch.load(path, map_location=device, weights_only=True)
-    try:
-        load_trainable(model, ck["trainable"])
-        optimizer.load_state_dict(ck["optimizer"])
-    except ValueError as e:  # another strategy, other options, or an older trainer
-        raise SystemExit(f"{path} does not match this run's trainable parameters ({e}); "
-                         f"start a fresh run: delete {run} or choose another --name") from None
-    if len(ck["rng"]) != world:
-        raise SystemExit(f"{path} was saved by {len(ck['rng'])} processes, this run has {world}: resume with "
-                         f"--nproc_per_node={len(ck['rng'])}")
-    state.update(ck["state"])
-    torch.set_rng_state(ck["rng"][rank]["cpu"])
+def save_state(run, model, optimizer, state, device, ddp, world, master):
+    """last.pt: the trainable tensors, the optimizer, the loop's state and every rank's random generators (the CPU
+    one, and the current CUDA device's: dropout draws from it). A collective: every rank calls it, the master writes."""
+    mine = dict(cpu=torch.get_rng_state())
     if device.startswith("cuda"):
-        torch.cuda.set_rng_state(ck["rng"][rank]["cuda"], device)
-    print(f"resumed {run} at step {state['step']} (best val loss {state['best_val']:.4f})")
+        mine["cuda"] = torch.cuda.get_rng_state(device)
+    rng = [None] * world if ddp else [mine]
+    if ddp:
+        torch.distributed.all_gather_object(rng, mine)
+    if master:
+        ck = dict(trainable=trainable_state_dict(model), optimizer=optimizer.state_dict(), state=dict(state), rng=rng)
+        data.atomic_write(os.path.join(run, "last.pt"), lambda p: torch.save(ck, p))
 
 
-def save_base(model, cfg, extra):
+def finish(run, model, state, reason):
+    """The end of a run: the model kept and evaluated is the one at the best validation loss (best.safetensors); a
+    run that stopped for any reason but a non-finite loss is done: rerunning it resumes into "nothing to do"."""
+    best = os.path.join(run, "best.safetensors")
+    if not os.path.exists(best):
+        raise SystemExit(f"no supervised validation loss was reached before stopping ({reason}); nothing saved in "
+                         f"{run}")
+    load_trainable(model, best)
+    if reason != "non-finite loss" and not state.get("done"):
+        state["done"] = reason
+
+
+def save_base(model, cfg):
     """The base checkpoint: the HF layout (model.save_pretrained), then training.json (tokenizer path relative to
-    the checkout, so the folder can move with it)."""
+    the checkout, so the folder can move with it), said."""
     model.save_pretrained(cfg["save_base"])
-    trained = {**{k: cfg[k] for k in CARRIED}, "tokenizer": os.path.relpath(os.path.abspath(cfg["tokenizer"]), ROOT),
-               **extra}
+    trained = {**{k: cfg[k] for k in CARRIED + RECORDED}, "tokenizer": os.path.relpath(cfg["tokenizer"], ROOT)}
     data.atomic_write(os.path.join(cfg["save_base"], "training.json"), json.dumps(trained, indent=2))
+    print(f"base model saved to {cfg['save_base']}")
 
 
 def base_settings(cfg, given, fallback):
     """Customize: focal context, lengths and tokenizer from the base's training.json; a value given on the command
     line that differs is an error naming it. A base without training.json (real BART or AthenaTest weights) takes
-    the given values, else `fallback`."""
+    the given values, else `fallback`. base_checksum: the base's checksum (a resume onto another base is refused)."""
     path = os.path.join(str(cfg["base"]), "training.json")
     if not os.path.isfile(path):
-        return {**cfg, **{k: cfg[k] or fallback[k] for k in CARRIED}}
+        return {**cfg, **{k: cfg[k] or fallback[k] for k in CARRIED}, "base_checksum": checksum(cfg["base"])}
     try:
         trained = json.load(open(path))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -222,12 +269,13 @@ def base_settings(cfg, given, fallback):
     if missing := [k for k in CARRIED if k not in trained]:
         raise SystemExit(f"{path}: lacks {', '.join(missing)}; retrain the base with `make base`")
     trained["tokenizer"] = os.path.join(ROOT, trained["tokenizer"])
-    same = lambda k: os.path.abspath(cfg[k]) == os.path.abspath(trained[k]) if k == "tokenizer" else cfg[k] == trained[k]
+    same = lambda k: (os.path.abspath(cfg[k]) == os.path.abspath(trained[k]) if k == "tokenizer"
+                      else cfg[k] == trained[k])
     for k in CARRIED:
         if k in given and not same(k):
             raise SystemExit(f"--{k}={cfg[k]} differs from the base's {k}={trained[k]} ({path}): a base is "
                              f"customized and scored with what it learned from; drop the setting or retrain the base")
-    return {**cfg, **{k: trained[k] for k in CARRIED}}
+    return {**cfg, **{k: trained[k] for k in CARRIED}, "base_checksum": checksum(cfg["base"])}
 
 
 def run_config(run):

@@ -11,16 +11,14 @@ was never released) and the customization of a base model to one project with on
 The base is trained as AthenaTest was (Tufano et al. 2020): first `denoise_steps` of BART text infilling on the
 base projects' Java (data/denoise.py), then the supervised stage on their focal-method/test pairs, from the
 denoised weights, with every `denoise_every`-th step a denoising batch still (the recipe: BASE_DEFAULTS; what was
-tried: README, "The base model"). Every evaluation logs `source_gain`, the perplexity of the validation targets with another focal
-class's source over the perplexity with their own: 1.0 means the model ignores its input (docs/source-gain.md).
+tried: README, "The base model"). Every evaluation logs `source_gain`, the perplexity of the validation targets
+with another focal class's source over the perplexity with their own: 1.0 means the model ignores its input
+(docs/source-gain.md).
 
-A run folder runs/<name>/ holds config.json (everything needed to rerun), log.jsonl (one line per evaluation),
-best.safetensors (trainable tensors only, at the best validation loss), last.pt (resume state);
-metrics.json and predictions.jsonl are written by evaluate.py. A rerun with the same name and settings resumes
-from last.pt. The base checkpoint carries training.json: the focal context, lengths and tokenizer it learned
-with, which customization and evaluation read (a different one given on the command line is an error).
+A run folder runs/<name>/ (runs.py: its files) resumes from last.pt when rerun with the same name and settings; the
+base checkpoint carries training.json, what it learned with, which customization and evaluation read.
 """
-import json
+import functools
 import math
 import os
 import sys
@@ -28,6 +26,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 
 import data
 import evaluate
@@ -94,7 +93,8 @@ BASE_DEFAULTS = dict(tokenizer="data/cache/tokenizer.json", focal_context="fm_fc
                      denoise_steps=400, denoise_every=4, denoise_window=32, denoise_batch_size=48, encoder_delay=100,
                      max_steps=1400, warmup_steps=100, eval_interval=100, patience=6)
 # a base without training.json (real BART or AthenaTest weights): what AthenaTest read
-FOREIGN_BASE = dict(tokenizer="data/cache/tokenizer.json", focal_context="fm_fc_ms_ff", max_src_len=1024, max_tgt_len=1024)
+FOREIGN_BASE = dict(tokenizer=BASE_DEFAULTS["tokenizer"], focal_context="fm_fc_ms_ff", max_src_len=1024,
+                    max_tgt_len=1024)
 RESUMABLE = ("max_steps", "max_minutes", "patience", "eval_interval", "device")  # may change when a run resumes
 
 
@@ -119,15 +119,16 @@ def parse_args(argv, defaults):
     if cfg["mode"] == "base":
         cfg.update({k: v for k, v in BASE_DEFAULTS.items() if k not in given})
         if cfg["denoise_steps"] >= cfg["max_steps"]:
-            raise SystemExit(f"denoise_steps={cfg['denoise_steps']} leaves no supervised step of max_steps={cfg['max_steps']}"
-                             f": raise --max_steps or lower --denoise_steps")
+            raise SystemExit(f"denoise_steps={cfg['denoise_steps']} leaves no supervised step of max_steps="
+                             f"{cfg['max_steps']}: raise --max_steps or lower --denoise_steps")
     return cfg, given
 
 
 def strategy_options(cfg):
     """The keyword arguments of strategies.apply, as saved in config.json (evaluate.py rebuilds the model)."""
     if cfg["strategy"] == "prefix":
-        return dict(prefix_len=cfg["prefix_len"], sites=tuple(cfg["prefix_sites"].split(",")), mlp_hidden=cfg["prefix_mlp"])
+        return dict(prefix_len=cfg["prefix_len"], sites=tuple(cfg["prefix_sites"].split(",")),
+                    mlp_hidden=cfg["prefix_mlp"])
     return dict(r=cfg["lora_rank"]) if cfg["strategy"] == "lora" else {}
 
 
@@ -153,7 +154,8 @@ def batches(lengths, batch_size, seed, epoch, bucket=64):
     exactly the batches it would have seen. lengths[i]: the cost of example i (source + target tokens)."""
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
     perm, n = torch.randperm(len(lengths), generator=g).tolist(), len(lengths) - len(lengths) % batch_size
-    chunks = [sorted(perm[i:i + bucket * batch_size], key=lambda j: lengths[j]) for i in range(0, n, bucket * batch_size)]
+    chunk = bucket * batch_size
+    chunks = [sorted(perm[i:i + chunk], key=lambda j: lengths[j]) for i in range(0, n, chunk)]
     out = [c[i:i + batch_size] for c in chunks for i in range(0, len(c) - batch_size + 1, batch_size)]
     return [out[i] for i in torch.randperm(len(out), generator=g).tolist()] or [perm]
 
@@ -196,8 +198,12 @@ def stage_of(step, cfg):
     return ("denoise", 0, D) if step < D else ("supervised", D, cfg["max_steps"] - D)
 
 
-def get_lr(step, cfg):
-    """Per stage: linear warmup, then cosine decay to lr * min_lr_ratio at the stage's end."""
+def get_lr(step, cfg, encoder=False):
+    """Per stage: linear warmup, then cosine decay to lr * min_lr_ratio at the stage's end. The encoder's layers
+    (encoder=True) wait encoder_delay steps (lr 0), then warm up over warmup_steps to that schedule."""
+    if encoder and cfg["encoder_delay"]:
+        s = step - cfg["encoder_delay"]
+        return 0.0 if s < 0 else get_lr(step, cfg) * min(1.0, (s + 1) / cfg["warmup_steps"])
     _, start, n = stage_of(step, cfg)
     s = step - start
     if s < cfg["warmup_steps"]:
@@ -206,66 +212,48 @@ def get_lr(step, cfg):
     return cfg["lr"] * (cfg["min_lr_ratio"] + (1 - cfg["min_lr_ratio"]) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def encoder_lr(step, cfg):
-    """The encoder's layers wait encoder_delay steps (lr 0), then warm up over warmup_steps to the schedule."""
-    s = step - cfg["encoder_delay"]
-    if cfg["encoder_delay"] == 0:
-        return get_lr(step, cfg)
-    return 0.0 if s < 0 else get_lr(step, cfg) * min(1.0, (s + 1) / cfg["warmup_steps"])
-
-
 def main(argv):
     cfg, given = parse_args(argv, settings)
-    if cfg["mode"] == "customize":
+    if cfg["mode"] == "customize":  # what the base learned with, and its checksum (a resume onto another is refused)
         cfg = runs.base_settings(cfg, given, FOREIGN_BASE)
-        cfg["base_checksum"] = runs.checksum(cfg["base"])  # a resume onto another base (same path) is refused
-    ddp = "RANK" in os.environ  # launched by torchrun: data parallel (base training)
-    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
-    cuda = cfg["device"].startswith("cuda") or (cfg["device"] == "auto" and torch.cuda.is_available())
-    device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cfg["device"] == "auto" and cuda else cfg["device"].replace("auto", "cpu")
-    if cuda:
-        torch.cuda.set_device(device)  # before NCCL: every rank its own GPU, not all on cuda:0
-    if ddp:
-        torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    ddp, rank, world, cuda, device, attn_impl = runs.resolve(cfg)  # torchrun: data parallel (base training)
     master = rank == 0
     torch.manual_seed(cfg["seed"] + rank)  # dropout masks differ across ranks; the data order is seeded apart
 
     # data: records -> splits -> token ids, in the focal context the base reads (src_<focal_context>)
-    tok, key = load_tokenizer(cfg["tokenizer"]), f"src_{cfg['focal_context']}"
-    if cfg["mode"] == "base":  # the base has no test fold: 5% of its test classes validate
-        records = data.load_projects(cfg["base_projects"].replace(",", " ").split())
-        (train_r, val_r), test_r = data.holdout(records, seed=cfg["seed"]), []
-    else:
-        train_r, val_r, test_r = data.folds(data.load_project(cfg["project"]), cfg["fold"], cfg["k_folds"], cfg["seed"])
+    tok, key, base = load_tokenizer(cfg["tokenizer"]), f"src_{cfg['focal_context']}", cfg["mode"] == "base"
+    records = data.load_projects(cfg["base_projects"].replace(",", " ").split() if base else [cfg["project"]])
+    # the base has no test fold: 5% of its test classes validate
+    train_r, val_r, test_r = ((*data.holdout(records, seed=cfg["seed"]), []) if base else
+                              data.folds(records, cfg["fold"], cfg["k_folds"], cfg["seed"]))
     if not train_r or not val_r:
-        raise SystemExit(f"the training or validation split of {cfg['project'] if cfg['mode'] == 'customize' else 'the base'}"
-                         f" (fold {cfg['fold']}) is empty: the project has too few test classes")
+        raise SystemExit(f"the training or validation split of {'the base' if base else cfg['project']} (fold "
+                         f"{cfg['fold']}) is empty: the project has too few test classes")
     train_src, train_tgt, n_trunc = encode_pairs(tok, train_r, cfg["max_src_len"], cfg["max_tgt_len"], src_key=key)
-    val = (*encode_pairs(tok, val_r, cfg["max_src_len"], cfg["max_tgt_len"], src_key=key)[:2], data.other_class_partners(val_r))
-    if cfg["denoise_steps"] or cfg["denoise_every"]:  # text: the training records' Java, never the validation's
+    val = (*encode_pairs(tok, val_r, cfg["max_src_len"], cfg["max_tgt_len"], src_key=key)[:2],
+           data.other_class_partners(val_r))
+    # the streams of batches (noising or not): (pairs of an epoch, their epoch and batch counters in state, batch size)
+    streams = {False: (lambda epoch: (train_src, train_tgt), "epoch", "batch", cfg["batch_size"])}
+    if denoising := cfg["denoise_steps"] or cfg["denoise_every"]:  # text: the training records' Java, never the val's
         noise = dict(ratio=cfg["mask_ratio"], poisson_lambda=cfg["poisson_lambda"])
         width = cfg["denoise_window"] or min(cfg["max_src_len"], cfg["max_tgt_len"]) - 2
         dn_windows, dn_val = denoise.stage(tok, train_r, val_r, cfg["focal_context"], width, cfg["seed"], **noise)
+        noised = functools.lru_cache(1)(  # each epoch's noise on every window, seeded by the epoch: resumable
+            lambda epoch: denoise.noised_pairs(tok, dn_windows, cfg["seed"], epoch, **noise))
+        streams[True] = (noised, "dn_epoch", "dn_batch", cfg["denoise_batch_size"] or cfg["batch_size"])
 
     run = runs.open_run(cfg["out_dir"], cfg["name"])  # after the data: a bad input leaves no empty run folder
 
     # model: from scratch (base) or the base checkpoint + a strategy (customize)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
-    attn_impl = cfg["attn_impl"] if cfg["attn_impl"] != "auto" else "triton" if cuda and not cfg["attention_dropout"] else "sdpa"
-    if cuda and cfg["attn_impl"] == "auto" and attn_impl == "sdpa":
-        print(f"attention: sdpa, not the Triton kernel, which has no attention dropout (attention_dropout="
-              f"{cfg['attention_dropout']}; --attention_dropout=0 selects the kernel)")
-    options, over = strategy_options(cfg), dict(dropout=cfg["dropout"], attention_dropout=cfg["attention_dropout"])
-    if cfg["mode"] == "base":
-        model = BART(config_from_preset(cfg["preset"], vocab_size=tok.get_vocab_size(), attn_impl=attn_impl, **over))
-    else:
-        model = BART.from_pretrained(cfg["base"], attn_impl=attn_impl, expect_vocab_size=tok.get_vocab_size())
-        if master and model.config.attention_dropout != cfg["attention_dropout"]:
-            print(f"attention_dropout: the checkpoint's {model.config.attention_dropout} replaced by this run's "
-                  f"{cfg['attention_dropout']} (--attention_dropout)")
-        model.config.__dict__.update(over)
+    model = (BART(config_from_preset(cfg["preset"], vocab_size=tok.get_vocab_size(), attn_impl=attn_impl)) if base
+             else BART.from_pretrained(cfg["base"], attn_impl=attn_impl, expect_vocab_size=tok.get_vocab_size()))
+    if master and not base and model.config.attention_dropout != cfg["attention_dropout"]:
+        print(f"attention_dropout: the checkpoint's {model.config.attention_dropout} replaced by this run's "
+              f"{cfg['attention_dropout']} (--attention_dropout)")
+    model.config.__dict__.update(dropout=cfg["dropout"], attention_dropout=cfg["attention_dropout"])
     model.to(device)
-    init = {}
+    options, init = strategy_options(cfg), {}
     if cfg["strategy"] == "prefix":  # paper §2.5: initialized from the project's most frequent tokens
         init["init_ids"] = strategies.most_frequent_ids(train_src + train_tgt, cfg["prefix_len"], exclude=SPECIAL_IDS)
     strategies.apply(model, cfg["strategy"], **options, **init)
@@ -275,83 +263,58 @@ def main(argv):
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     decays = lambda n, p: p.dim() >= 2 and not ("shared" in n or "embed" in n or n.startswith("prefix"))
     groups = [{"params": [p for n, p in named if decays(n, p) == d and n.startswith("model.encoder.") == e],
-               "weight_decay": cfg["weight_decay"] if d else 0.0, "encoder": e} for d in (True, False) for e in (True, False)]
+               "weight_decay": cfg["weight_decay"] if d else 0.0, "encoder": e}
+              for d in (True, False) for e in (True, False)]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg["lr"], betas=(0.9, cfg["beta2"]),
                                   **({"fused": True} if cuda else {"foreach": True}))
-    train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if cuda else None) if ddp else model
+    train_model = DistributedDataParallel(model, device_ids=[device] if cuda else None) if ddp else model
 
     # resume: last.pt holds the trainable tensors, optimizer, step, data position, RNG and early-stopping state
-    state = dict(step=0, epoch=0, batch=0, dn_epoch=0, dn_batch=0, dn_steps=0, tokens=0, flops_exact=0.0, flops_paper=0.0,
-                 best_val=float("inf"), best_step=-1, bad_evals=0, seconds=0.0)
-    last, log = os.path.join(run, "last.pt"), os.path.join(run, "log.jsonl")
-    runs.resume(run, cfg, RESUMABLE, model, optimizer, state, rank, world, device)  # a fresh start if no last.pt
+    state = runs.resume(run, cfg, RESUMABLE, model, optimizer, rank, world, device)  # a fresh start if no last.pt
     if master:
-        saved = runs.write_config(run, {**cfg, "strategy_options": options, "corpus": cfg["project"],
-                                        "resolved": dict(device=device, attn_impl=attn_impl),
-                                        "trainable_parameters": sum(p.numel() for p in params),
-                                        "total_parameters": model.num_parameters(), "truncated_training_pairs": n_trunc,
-                                        "splits": dict(train=len(train_r), val=len(val_r), test=len(test_r))})
-        print(f"parameters: {model.num_parameters():,} total, {saved['trainable_parameters']:,} trainable; {len(train_r)} "
-              f"training pairs ({n_trunc} truncated), {len(val_r)} validation pairs"
-              + (f"; denoising: {len(dn_windows)} windows of <= {width} tokens" if cfg["denoise_steps"] or cfg["denoise_every"] else ""))
-
-    def checkpoint():  # all ranks call it: every rank's generators are gathered into last.pt
-        rng = runs.gather(runs.rng_states(device), ddp, world)
-        if master:
-            runs.save_state(last, runs.trainable_state_dict(model), optimizer, state, rng)
+        runs.write_config(run, {**cfg, "strategy_options": options, "corpus": cfg["project"],
+                                "resolved": dict(device=device, attn_impl=attn_impl),
+                                "trainable_parameters": sum(p.numel() for p in params),
+                                "total_parameters": model.num_parameters(), "truncated_training_pairs": n_trunc,
+                                "splits": dict(train=len(train_r), val=len(val_r), test=len(test_r))},
+                          f"; denoising: {len(dn_windows)} windows of <= {width} tokens" if denoising else "")
+    checkpoint = lambda: runs.save_state(run, model, optimizer, state, device, ddp, world, master)  # on every rank
 
     def validate(stage):
         """Validation at the current step: a log line, the best checkpoint (supervised stage), the resume state."""
         check = source_check(model, val, cfg, device, autocast)
         if stage == "denoise":  # the loss is the reconstruction of noised validation Java; denoise_gain: with another
             dn = source_check(model, dn_val, cfg, device, autocast)  # window's source (how much of it is copied)
-            check = dict(check, val_loss=dn["val_loss"], denoise_gain=dn["source_gain"], pairs_val_loss=check["val_loss"])
+            check.update(val_loss=dn["val_loss"], denoise_gain=dn["source_gain"], pairs_val_loss=check["val_loss"])
         state["seconds"] = time.time() - t0
-        better = stage == "supervised" and check["val_loss"] < state["best_val"]
-        if better:
+        if better := stage == "supervised" and check["val_loss"] < state["best_val"]:
             state.update(best_val=check["val_loss"], best_step=state["step"], bad_evals=0)
         state["bad_evals"] += stage == "supervised" and not better
         if master:
-            line = dict(step=state["step"], stage=stage, denoising_steps=state["dn_steps"], tokens=state["tokens"],
-                        flops_exact=state["flops_exact"], flops_paper=state["flops_paper"], pf_s_exact=state["flops_exact"] / 1e15,
-                        pf_s_paper=state["flops_paper"] / 1e15, train_loss=train_loss, **check,
-                        seconds=round(state["seconds"], 2))
-            with open(log, "a") as f:
-                f.write(json.dumps(line) + "\n")
-            print(f"step {state['step']} ({stage}): val loss {check['val_loss']:.4f}{' (best)' if better else ''} | "
-                  + (f"denoise_gain {check['denoise_gain']:.2f} | " if stage == "denoise" else "") +
-                  f"source_gain {check['source_gain']:.3f} | empty-source loss {check['val_loss_empty_source']:.3f} | "
-                  f"encoder spread {check['encoder_spread']:.3f}")
+            runs.log_evaluation(run, state, stage, train_loss, check, better)
             if better:
                 runs.save_trainable(model, os.path.join(run, "best.safetensors"))
         checkpoint()
 
     t0, t_step = time.time() - state["seconds"], time.time()
     train_loss, reason = float("nan"), state.get("done") or "max_steps"
-    noised = [None, None, None]  # (denoising epoch, its noised sources, targets)
-    if state["best_step"] < 0 and not state.get("done") and cfg["mode"] == "customize":  # (not again on resume)
+    if state["best_step"] < 0 and not state.get("done") and not base:  # (not again on resume)
         validate("supervised")  # step 0: the base itself is a candidate; a customization that only hurts keeps it
     model.train()
     while state["step"] < cfg["max_steps"] and not state.get("done"):
         stage = stage_of(state["step"], cfg)[0]
         lr = get_lr(state["step"], cfg)
         for g in optimizer.param_groups:
-            g["lr"] = encoder_lr(state["step"], cfg) if g["encoder"] else lr
+            g["lr"] = get_lr(state["step"], cfg, encoder=g["encoder"])
         step_loss, step_fl, step_tokens = 0.0, None, 0
         every = cfg["denoise_every"]  # in the supervised stage: every k-th step reconstructs Java instead
         noising = stage == "denoise" or (every > 0 and (state["step"] - cfg["denoise_steps"]) % every == every - 1)
         for micro in range(cfg["grad_accum"]):
-            if noising:  # this epoch's noise on every window (seeded by the epoch: resumable)
-                if noised[0] != state["dn_epoch"]:
-                    noised[:] = state["dn_epoch"], *denoise.noised_pairs(tok, dn_windows, cfg["seed"], state["dn_epoch"], **noise)
-                S, T, ek, bk, size = noised[1], noised[2], "dn_epoch", "dn_batch", cfg["denoise_batch_size"] or cfg["batch_size"]
-            else:
-                S, T, ek, bk, size = train_src, train_tgt, "epoch", "batch", cfg["batch_size"]
+            pairs, ek, bk, size = streams[noising]
+            S, T = pairs(state[ek])
             plan = batches([len(s) + len(t) for s, t in zip(S, T)], size * world, cfg["seed"], state[ek])
-            idx = plan[state[bk]][rank::world]
-            state[bk] += 1
-            if state[bk] == len(plan):
-                state[ek], state[bk] = state[ek] + 1, 0
+            idx = plan[state[bk]][rank::world]  # this rank's share; the stream moves on to its next batch or epoch
+            state[ek], state[bk] = (state[ek], state[bk] + 1) if state[bk] + 1 < len(plan) else (state[ek] + 1, 0)
             src, tgt = [S[i] for i in idx], [T[i] for i in idx]
             loss = loss_fn(train_model, collate(src, tgt, device), autocast) / cfg["grad_accum"]
             loss.backward()
@@ -361,7 +324,8 @@ def main(argv):
             step_fl = fl if step_fl is None else {c: {k: step_fl[c][k] + fl[c][k] for k in fl[c]} for c in fl}
             step_tokens += sum(len(t) - 1 for t in tgt)
         if not math.isfinite(step_loss):
-            print(f"step {state['step']}: loss is {step_loss}; stopping. The last good checkpoint is {last}")
+            print(f"step {state['step']}: loss is {step_loss}; stopping. The last good checkpoint is "
+                  f"{os.path.join(run, 'last.pt')}")
             reason = "non-finite loss"
             break
         torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"])
@@ -370,17 +334,16 @@ def main(argv):
         done = torch.tensor([step_tokens, step_fl["exact"]["total"], step_fl["paper"]["total"]], dtype=torch.float64)
         if ddp:  # what every rank ran, summed (ranks' batches differ in length)
             torch.distributed.all_reduce(done := done.to(device))
-        state["step"] += 1
-        state["dn_steps"] += noising
-        state["tokens"] += int(done[0])
-        state["flops_exact"] += float(done[1])
-        state["flops_paper"] += float(done[2])
+        ran = dict(step=1, dn_steps=noising, tokens=int(done[0]), flops_exact=float(done[1]),
+                   flops_paper=float(done[2]))
+        state.update({k: state[k] + v for k, v in ran.items()})  # the totals so far
         train_loss = step_loss
         dt, t_step = time.time() - t_step, time.time()
         if master and (state["step"] % 5 == 0 or state["step"] == 1):
-            print(f"step {state['step']:5d} | {'denoise' if noising else stage} | loss {step_loss:.4f} | lr {lr:.2e} | {dt * 1e3:.0f} ms | "
-                  f"{float(done[0]) / dt:.0f} tok/s | {float(done[1]) / dt / 1e12:.3f} TFLOP/s | "
-                  f"{state['flops_exact'] / 1e15:.4f} PF-s | eta <= {(cfg['max_steps'] - state['step']) * dt / 60:.1f} min")
+            print(f"step {state['step']:5d} | {'denoise' if noising else stage} | loss {step_loss:.4f} | lr {lr:.2e} | "
+                  f"{dt * 1e3:.0f} ms | {float(done[0]) / dt:.0f} tok/s | {float(done[1]) / dt / 1e12:.3f} TFLOP/s | "
+                  f"{state['flops_exact'] / 1e15:.4f} PF-s | "
+                  f"eta <= {(cfg['max_steps'] - state['step']) * dt / 60:.1f} min")
         out_of_time = cfg["max_minutes"] > 0 and time.time() - t0 > cfg["max_minutes"] * 60
         stage_end = state["step"] in (cfg["denoise_steps"], cfg["max_steps"])
         if state["step"] % cfg["eval_interval"] == 0 or stage_end or out_of_time:
@@ -392,22 +355,15 @@ def main(argv):
                 reason = f"time limit of {cfg['max_minutes']} minutes"
                 break
             t_step = time.time()  # the evaluation's time is not the next step's
-    # restore the best checkpoint: the model that is kept and evaluated is the one at the best validation loss
-    best = os.path.join(run, "best.safetensors")
-    if not os.path.exists(best):
-        raise SystemExit(f"no supervised validation loss was reached before stopping ({reason}); nothing saved in {run}")
-    runs.load_trainable(model, best)
-    if reason != "non-finite loss" and not state.get("done"):
-        state["done"] = reason  # a finished run: rerunning it resumes into "nothing to do"
+    runs.finish(run, model, state, reason)  # the best checkpoint restored: the model kept is the one at the best loss
     checkpoint()
     if master:
-        kept = "the base itself: no step beat it" if state["best_step"] == 0 and cfg["mode"] == "customize" else f"step {state['best_step']}"
+        kept = f"step {state['best_step']}" if base or state["best_step"] else "the base itself: no step beat it"
         print(f"stopped at step {state['step']} ({reason}); best val loss {state['best_val']:.4f} ({kept}); "
               f"{state['flops_exact'] / 1e15:.4f} PF-s (exact), {state['flops_paper'] / 1e15:.4f} PF-s (paper); "
               f"{time.time() - t0:.0f} s")
-        if cfg["mode"] == "base":
-            runs.save_base(model, cfg, {k: cfg[k] for k in ("preset", "base_projects", "denoise_steps", "denoise_every", "max_steps", "lr")})
-            print(f"base model saved to {cfg['save_base']}")
+        if base:
+            runs.save_base(model, cfg)
     if ddp:
         torch.distributed.destroy_process_group()
     return model

@@ -180,7 +180,7 @@ def test_base_two_stages_and_training_json(workspace, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["train.py", "--project={d}/notjson.jsonl", "--tokenizer={d}/tok.json"], r"^error: .*notjson.jsonl:1: not a UTF-8 JSON line"),
+    (["train.py", "--project={d}/notjson.jsonl", "--tokenizer={d}/tok.json", "--base={d}/no-base"], r"^error: .*notjson.jsonl:1: not a UTF-8 JSON line"),
     (["train.py", "--mode=base", "--tokenizer={d}/notjson.jsonl"], r"^error: .*notjson.jsonl: not a tokenizer.json"),
     (["evaluate.py", "{d}"], r"^error: .*: no config.json \(not a run folder\)"),
     (["-m", "data.tokenizer", "--projects", "no-such-project", "--out", "{d}/t.json"], r"^error: unknown project"),
