@@ -4,6 +4,7 @@ intrinsic metrics, §3.3 RQ2 task metrics; Tables 3-4, Figures 3-4).
     python evaluate.py runs/<name> [--limit N] [--beams 5] [--max-new-tokens N: default the run's max_tgt_len] [--rescore]
     python evaluate.py --report runs/       # runs/report.md (Tables 3-4), runs/fig3.png, runs/fig4.png
     python evaluate.py generate --run runs/<name> --java Foo.java --method bar [--k 5]   # tests for your own code
+    python evaluate.py generate --runs runs/a,runs/b --requests requests.jsonl --out tests.jsonl  # serve.py
 
 metrics.json = {"base": M, "customized": M, "decoding": {...}}, written only here (atomically); M holds
 - bleu4: sacrebleu's corpus BLEU (0-100) of the top-1 beam; both sides cut into Java tokens by
@@ -277,43 +278,29 @@ def report(root):
     print("\n".join(md))
 
 
-# --- everyday use: tests for one method of your own code; the command line ----------------------------------
-def generate_tests(run, java, method, k=K, beams=5, max_new_tokens=None, device="cpu"):
-    """[(score, test code)]: the k best tests the customized model writes for `method` in the file `java`."""
-    from data.java import parse_java
-    from data.mine import corpus_strings
-    cfg = runs.run_config(run)
-    classes, _ = parse_java(Path(java).read_bytes())  # data/ decodes UTF-8, else Latin-1
-    hits = [(c, m) for c in classes for m in c["methods"] if m["identifier"] == method]
-    if not hits:
-        names = ", ".join(sorted({m["identifier"] for c in classes for m in c["methods"]})) or "none"
-        raise ValueError(f"{java}: no method {method!r} in a top-level class (its methods: {names})")
-    tok, src = load_tokenizer(cfg["tokenizer"]), corpus_strings(*hits[0])[f"src_{cfg['focal_context']}"]  # what the base reads
-    model = runs.load_models(run, cfg, tok.get_vocab_size(), device)[1]
-    src = encode_pairs(tok, [{"src": src, "tgt": ""}], cfg["max_src_len"])[0]
-    (seqs, scores), = beam_search(model, src, min(k, beams), beams, max_new_tokens or cfg["max_tgt_len"], 1, device)
-    return list(zip(scores, tok.decode_batch(seqs)))
-
-
+# --- the command line (evaluate.py generate: serve.py) -------------------------------------------------------
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Score a run (evaluate.py RUN), build the report (--report DIR), or "
-                                 "write tests for your code (evaluate.py generate --run RUN --java FILE --method NAME)")
+    ap = argparse.ArgumentParser(description="Score a run (evaluate.py RUN), build the report (--report DIR), or write "
+                                 "tests (evaluate.py generate: --run RUN --java FILE --method NAME, or --runs A,B "
+                                 "--requests FILE --out FILE to serve many runs from one base)")
     for flag, kw in [("run", dict(nargs="?", help="a run folder, or `generate`")), ("--report", {}), ("--java", {}),
                      ("--limit", dict(type=int)), ("--rescore", dict(action="store_true")), ("--method", {}),
                      ("--beams", dict(type=int, default=5)), ("--max-new-tokens", dict(type=int)),
                      ("--batch-size", dict(type=int, default=16)), ("--run", dict(dest="generate_run")),
+                     ("--runs", {}), ("--requests", {}), ("--out", {}),
                      ("--k", dict(type=int, default=K)), ("--device", dict(default="cuda" if torch.cuda.is_available() else "cpu"))]:
         ap.add_argument(flag, **kw)
     a = ap.parse_args(argv)
-    if a.run == "generate" and a.generate_run and a.java and a.method:
-        tests = generate_tests(a.generate_run, a.java, a.method, a.k, a.beams, a.max_new_tokens, a.device)
-        print("\n\n".join(f"// {i + 1}: score {score:.3f}\n{code}" for i, (score, code) in enumerate(tests)))
+    if a.run == "generate" and (a.runs and a.requests and a.out or a.generate_run and a.java and a.method):
+        import serve  # many runs' deltas over one base, one batch
+        serve.command(a)
     elif a.report:
         report(a.report)
     elif a.run and a.run != "generate":
         score_run(a.run, a.limit, a.beams, a.max_new_tokens, a.batch_size, a.device, a.rescore)
     else:
-        ap.error("give a run folder, --report DIR, or: generate --run RUN --java FILE --method NAME")
+        ap.error("give a run folder, --report DIR, or generate with --run RUN --java FILE --method NAME, or with "
+                 "--runs A,B --requests FILE --out FILE")
 
 
 if __name__ == "__main__":

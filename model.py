@@ -124,10 +124,11 @@ def attention_sdpa(q, k, v, key_padding_mask=None, causal=False, prefix_k=None, 
     return y * row_ok
 
 
-def attention_triton(q, k, v, dropout_p=0.0, **kw):
+def attention_triton(q, k, v, dropout_p=0.0, prefix_index=None, **kw):
     assert dropout_p == 0.0, "attn_impl='triton' has no attention dropout: set attention_dropout=0"
     from kernels.attention import attention  # imported lazily: Triton is not needed for math/sdpa
-    return attention(q, k, v, **kw)
+    return attention(q, k, v, prefix_index=prefix_index if kw.get("prefix_k") is not None else None, **kw)  # serve.py
+    # passes a row index with no prefix (it picks other banks); the kernel takes an index with a prefix bank only
 
 
 ATTENTION = {"math": attention_math, "sdpa": attention_sdpa, "triton": attention_triton}

@@ -18,6 +18,7 @@ import abstract_java
 import data
 import evaluate as ev
 import runs
+import serve
 from model import BART, BARTConfig
 
 transformers = pytest.importorskip("transformers")
@@ -167,7 +168,7 @@ def test_run_without_checkpoint_and_unknown_method(tmp_path):
                                                           max_tgt_len=8)))
     (tmp_path / "Foo.java").write_text("class Foo { int bar() { return 1; } Foo() {} }")
     with pytest.raises(ValueError, match=r"no method 'baz' .*its methods: Foo, bar"):
-        ev.generate_tests(tmp_path, tmp_path / "Foo.java", "baz")
+        serve.generate_tests(tmp_path, tmp_path / "Foo.java", "baz")
 
 
 # --- the run-folder contract end to end: tiny random model, lldb delta, 5 test classes ---------------------------
@@ -225,7 +226,7 @@ def test_score_run_rescore_report_and_generate(tmp_path, capsys):
     assert "| paper average | 16.1 | 37.8 |" in md and "Table 4" in md
     assert (tmp_path / "runs" / "fig3.png").stat().st_size > 0 and (tmp_path / "runs" / "fig4.png").stat().st_size > 0
     (tmp_path / "Foo.java").write_text("class Foo { int m3(int a) { return a + 3; } }")
-    tests = ev.generate_tests(run, tmp_path / "Foo.java", "m3", k=2, beams=2, max_new_tokens=5)
+    tests = serve.generate_tests(run, tmp_path / "Foo.java", "m3", k=2, beams=2, max_new_tokens=5)
     assert len(tests) == 2 and all(isinstance(c, str) for _, c in tests) and tests[0][0] >= tests[1][0]
     capsys.readouterr()
     ev.main(["generate", "--run", str(run), "--java", str(tmp_path / "Foo.java"), "--method", "m3", "--k", "2",
