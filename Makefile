@@ -24,8 +24,8 @@ setup:  ## create .venv/ and install the pinned runtime and test dependencies
 	$(PY) -m pip install -q -r requirements.txt -r requirements-test.txt
 test:  ## run the CPU test suite (Triton kernels run in the interpreter)
 	$(PY) -m pytest tests
-bench:  ## CPU benchmarks: model vs HF, strategies, evaluation, src2abs (each prints a table)
-	for b in model strategies evaluate abstract; do $(PY) bench/bench_$$b.py || exit 1; done
+bench:  ## CPU benchmarks: model vs HF, strategies, evaluation, src2abs, serving (each prints a table)
+	for b in model strategies evaluate abstract serve; do $(PY) bench/bench_$$b.py || exit 1; done
 
 data:  ## fetch + mine all 38 pinned projects; PROJECT=/path/to/checkout mines your own
 	$(PY) -m data.fetch $(if $(filter command line,$(origin PROJECT)),$(PROJECT))
