@@ -34,6 +34,7 @@ import contextlib
 import copy
 import inspect
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -340,7 +341,7 @@ def source_of(req, cfg):
     from data.java import parse_java
     from data.mine import corpus_strings
     if not Path(req["java"]).is_file():
-        raise ValueError(f"no file {req['java']}")
+        raise ValueError(f"{req['java']}: no such Java file")
     classes, _ = parse_java(Path(req["java"]).read_bytes())  # data/ decodes UTF-8, else Latin-1
     hits = [(c, m) for c in classes for m in c["methods"] if m["identifier"] == req["method"]]
     if not hits:
@@ -372,17 +373,23 @@ def command(a):
 
 def main(run_dirs, requests, out, k=5, beams=5, max_new_tokens=None, batch_size=16, device="cpu"):
     """evaluate.py generate --runs A,B --requests FILE --out FILE: every request served, or its error written."""
+    reqs, lines, todo = data.read_jsonl(requests), {}, []  # bad files fail before the models load
+    if not os.access(Path(out).parent, os.W_OK):
+        raise PermissionError(f"{out}: its folder {Path(out).parent} is missing or not writable: give --out another "
+                              "path")
     server, cfg, tok, refused = load(run_dirs, device)
     alias = {**{Path(r).name: r for r in run_dirs}, **{r: r for r in run_dirs}}
-    reqs, lines, todo = data.read_jsonl(requests), {}, []
     for i, req in enumerate(reqs):
-        run = alias.get(str(req.get("run")))
+        obj = req if isinstance(req, dict) else {}
         try:
+            if not isinstance(req, dict):
+                raise ValueError(f"{requests}: request {i + 1} is not a JSON object")
+            run = alias.get(str(req.get("run")))
             if run is None or run in refused:
                 raise ValueError(refused.get(run) or f"unknown run {req.get('run')!r}; served: {', '.join(run_dirs)}")
             todo.append((i, run, source_of(req, cfg)))
         except ValueError as e:
-            lines[i] = {"id": req.get("id", i), "run": req.get("run"), "error": str(e)}
+            lines[i] = {"id": obj.get("id", i), "run": obj.get("run"), "error": str(e)}
     src = encode_pairs(tok, [{"src": s, "tgt": ""} for _, _, s in todo], cfg["max_src_len"])[0]
     log = lambda msg: print(msg, file=sys.stderr)
     results = server.serve([r for _, r, _ in todo], src, min(k, beams), beams, max_new_tokens or cfg["max_tgt_len"],

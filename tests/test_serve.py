@@ -139,15 +139,15 @@ def test_requests_are_served_from_run_folders_and_bad_ones_refused_one_by_one(tm
             {"id": "unknown", "run": "z-prefix", "src": srcs[1]},
             {"id": "otherbase", "run": "c-lldb", "src": srcs[1]},
             {"id": "src2", "run": "a-lora", "src": srcs[4]}]
-    (tmp_path / "req.jsonl").write_text("".join(json.dumps(r) + "\n" for r in reqs))
+    (tmp_path / "req.jsonl").write_text("".join(json.dumps(r) + "\n" for r in reqs) + "7\n")  # not an object
     dirs = ",".join(str(tmp_path / r) for r in ("a-lora", "b-lldb", "c-lldb"))
     evaluate.main(["generate", "--runs", dirs, "--requests", str(tmp_path / "req.jsonl"), "--out",
                    str(tmp_path / "out.jsonl"), "--k", "2", "--beams", "3"])
-    assert "3 requests served, 3 refused" in capsys.readouterr().out
+    assert "3 requests served, 4 refused" in capsys.readouterr().out
     lines = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
-    assert [x["id"] for x in lines] == [r["id"] for r in reqs]
+    assert [x["id"] for x in lines] == [r["id"] for r in reqs] + [6]  # a line that is not a request: its number
     errors = {x["id"]: x["error"] for x in lines if "error" in x}
-    assert set(errors) == {"nomethod", "unknown", "otherbase"}
+    assert set(errors) == {"nomethod", "unknown", "otherbase", 6} and "request 7 is not a JSON object" in errors[6]
     assert "no method 'absent'" in errors["nomethod"] and "its methods: m3" in errors["nomethod"]
     assert "unknown run 'z-prefix'" in errors["unknown"] and "another base" in errors["otherbase"]
     served = {x["id"]: x["tests"] for x in lines if "tests" in x}
@@ -161,6 +161,12 @@ def test_requests_are_served_from_run_folders_and_bad_ones_refused_one_by_one(tm
         seqs, scores = model.generate(ids, torch.ones_like(ids), num_beams=3, num_return_sequences=2, max_new_tokens=6)
         assert [t["code"] for t in served[rid]] == tok.decode_batch(seqs.tolist())
         torch.testing.assert_close(torch.tensor([t["score"] for t in served[rid]]), scores, rtol=1e-5, atol=1e-5)
+    (tmp_path / "bad.jsonl").write_bytes(b"\xff\n")  # files that cannot be read fail before any model loads
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: not a UTF-8 JSON line"):
+        serve.main(dirs.split(","), tmp_path / "bad.jsonl", tmp_path / "out2.jsonl")
+    with pytest.raises(PermissionError, match=r"is missing or not writable"):
+        serve.main(dirs.split(","), tmp_path / "req.jsonl", tmp_path / "no" / "such" / "out.jsonl")
+    assert not (tmp_path / "out2.jsonl").exists()
 
 
 def test_a_row_index_without_a_prefix_reaches_the_triton_kernel_as_none():
