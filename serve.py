@@ -288,6 +288,8 @@ class Server:
             return self.solo[names[0]].generate(input_ids, attention_mask, **kw)
         index = torch.tensor([self.slot[n] for n in names], device=input_ids.device)
         sites = self.prefix_bank if families == {"prefix"} else {}
+        if sites and len(set(names)) == 1:  # one run: its prefix shared by the batch, no per-row gather of the bank
+            sites = {s: t[self.slot[names[0]]] for s, t in sites.items()}  # (the gather was 30% of a CPU batch)
         return self.base.generate(input_ids, attention_mask, prefix=(sites, index), **kw)
 
     def batches(self, names, src, size):

@@ -103,6 +103,7 @@ def test_prefix_runs_in_one_batch_and_solo_runs_generate_what_each_generates_alo
     server = server_of(models)
     assert set(server.solo) == {"custom", "prefix_short"}  # no base to share; another prefix shape than the bank's
     assert_rows_equal_alone(server, models, ["prefix0", "prefix2", "prefix1", "prefix2", "prefix0"], beams)
+    assert_rows_equal_alone(server, models, ["prefix1"] * 3, beams)  # one run's batch: its prefix, not the bank
     for solo in server.solo:
         assert_rows_equal_alone(server, models, [solo] * 3, beams)
     with pytest.raises(ValueError, match="one family"):
