@@ -376,7 +376,7 @@ def command(a):
 def main(run_dirs, requests, out, k=5, beams=5, max_new_tokens=None, batch_size=16, device="cpu"):
     """evaluate.py generate --runs A,B --requests FILE --out FILE: every request served, or its error written."""
     reqs, lines, todo = data.read_jsonl(requests), {}, []  # bad files fail before the models load
-    if not os.access(Path(out).parent, os.W_OK):
+    if not (Path(out).parent.is_dir() and os.access(Path(out).parent, os.W_OK)):
         raise PermissionError(f"{out}: its folder {Path(out).parent} is missing or not writable: give --out another "
                               "path")
     server, cfg, tok, refused = load(run_dirs, device)
