@@ -27,8 +27,8 @@ A request is one JSON object per line: {"id": ..., "run": one of --runs (the fol
 either "java" (a file) with "method" (a method name), or "src" (the focal context as the base reads it)}. Each
 output line: {"id", "run", "tests": [{"score", "code"}, ... the k best first]}, or {"id", "run", "error"} for a
 request that cannot be served (unknown run, a run on another base than the first run's, a missing method): the
-others are served. This file is not in the design card's top level: evaluate.py (320-line cap) would not hold it, and serving is
-its own job (README, Layout).
+others are served. This file is not in the design card's top level: evaluate.py (320-line cap) would not hold
+it, and serving is its own job (README, Layout).
 """
 import contextlib
 import copy
