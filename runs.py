@@ -16,7 +16,7 @@ through load_models) and train.py's --key=value settings parser (parse_settings)
 train.py nor evaluate.py imports the other; so does resolve, what a run's "auto" settings come to on this machine.
 
 Nothing here is unpickled beyond tensors (torch.load weights_only=True); every file is written through a temporary
-file and a rename (data.atomic_write).
+file and a rename (data.atomic_write), except log.jsonl, appended a line at a time (a cut last line is dropped).
 """
 import fcntl
 import hashlib

@@ -122,7 +122,8 @@ def test_requests_are_served_from_run_folders_and_bad_ones_refused_one_by_one(tm
     for seed, name in ((0, "base"), (1, "other_base")):
         torch.manual_seed(seed)
         BART(BARTConfig(**tiny)).save_pretrained(tmp_path / name)
-    for run, kind, on in (("a-lora", "lora", "base"), ("b-lldb", "lldb", "base"), ("c-lldb", "lldb", "other_base")):
+    for run, kind, on, fc in (("a-lora", "lora", "base", "fm_fc"), ("b-lldb", "lldb", "base", "fm_fc"),
+                              ("c-lldb", "lldb", "other_base", "fm_fc"), ("d-lldb", "lldb", "base", "fm")):
         model = strategies.apply(BART.from_pretrained(tmp_path / on), kind)
         with torch.no_grad():
             for p in strategies.trainable_parameters(model):
@@ -130,7 +131,7 @@ def test_requests_are_served_from_run_folders_and_bad_ones_refused_one_by_one(tm
         (tmp_path / run).mkdir()
         runs.save_trainable(model, str(tmp_path / run / "best.safetensors"))
         cfg = dict(base=str(tmp_path / on), base_checksum=runs.checksum(tmp_path / on),
-                   tokenizer=str(tmp_path / "tok.json"), focal_context="fm_fc", max_src_len=32, max_tgt_len=6,
+                   tokenizer=str(tmp_path / "tok.json"), focal_context=fc, max_src_len=32, max_tgt_len=6,
                    strategy=kind, strategy_options={})
         (tmp_path / run / "config.json").write_text(json.dumps(cfg))
     (tmp_path / "Foo.java").write_text("class Foo { int m3(int a) { return a + 3; } }")
@@ -139,18 +140,21 @@ def test_requests_are_served_from_run_folders_and_bad_ones_refused_one_by_one(tm
             {"id": "nomethod", "run": "a-lora", "java": str(tmp_path / "Foo.java"), "method": "absent"},
             {"id": "unknown", "run": "z-prefix", "src": srcs[1]},
             {"id": "otherbase", "run": "c-lldb", "src": srcs[1]},
+            {"id": "otherfc", "run": "d-lldb", "src": srcs[1]},
             {"id": "src2", "run": "a-lora", "src": srcs[4]}]
     (tmp_path / "req.jsonl").write_text("".join(json.dumps(r) + "\n" for r in reqs) + "7\n")  # not an object
-    dirs = ",".join(str(tmp_path / r) for r in ("a-lora", "b-lldb", "c-lldb"))
+    dirs = ",".join(str(tmp_path / r) for r in ("a-lora", "b-lldb", "c-lldb", "d-lldb"))
     evaluate.main(["generate", "--runs", dirs, "--requests", str(tmp_path / "req.jsonl"), "--out",
                    str(tmp_path / "out.jsonl"), "--k", "2", "--beams", "3"])
-    assert "3 requests served, 4 refused" in capsys.readouterr().out
+    assert "3 requests served, 5 refused" in capsys.readouterr().out
     lines = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
-    assert [x["id"] for x in lines] == [r["id"] for r in reqs] + [6]  # a line that is not a request: its number
+    assert [x["id"] for x in lines] == [r["id"] for r in reqs] + [7]  # a line that is not a request: its number
     errors = {x["id"]: x["error"] for x in lines if "error" in x}
-    assert set(errors) == {"nomethod", "unknown", "otherbase", 6} and "request 7 is not a JSON object" in errors[6]
+    assert set(errors) == {"nomethod", "unknown", "otherbase", "otherfc", 7}
+    assert "request 8 is not a JSON object" in errors[7]
     assert "no method 'absent'" in errors["nomethod"] and "its methods: m3" in errors["nomethod"]
     assert "unknown run 'z-prefix'" in errors["unknown"] and "another base" in errors["otherbase"]
+    assert "another focal_context than" in errors["otherfc"]
     served = {x["id"]: x["tests"] for x in lines if "tests" in x}
     assert all(len(t) == 2 and t[0]["score"] >= t[1]["score"] for t in served.values())
     # each served request: what that run's customized model alone writes (runs.load_models: base + strategy + delta)
