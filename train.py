@@ -80,6 +80,7 @@ settings = dict(
     denoise_window=0,  # denoising: tokens per window (0 = as long as the model's sources and targets allow)
     mask_ratio=0.3,  # denoising: share of tokens masked, in spans of Poisson(poisson_lambda) length (BART §2.2)
     poisson_lambda=3.0,
+    word_dropout=0.0,  # pairs: share of the decoder's input tokens replaced by <mask> (data/denoise.word_dropout)
     max_steps=2000,  # all stages together
     max_minutes=0.0,  # stop (and keep the best checkpoint) after this long; 0 = no limit
     eval_interval=25,  # steps between validation losses (each writes a log line and the resume state)
@@ -316,7 +317,11 @@ def main(argv):
             idx = plan[state[bk]][rank::world]  # this rank's share; the stream moves on to its next batch or epoch
             state[ek], state[bk] = (state[ek], state[bk] + 1) if state[bk] + 1 < len(plan) else (state[ek] + 1, 0)
             src, tgt = [S[i] for i in idx], [T[i] for i in idx]
-            loss = loss_fn(train_model, collate(src, tgt, device), autocast) / cfg["grad_accum"]
+            batch = collate(src, tgt, device)
+            if cfg["word_dropout"] and not noising:  # the labels stay; the decoder reads some of its inputs as <mask>
+                batch = (*batch[:2], denoise.word_dropout(batch[2], cfg["word_dropout"], tok.token_to_id("<mask>")),
+                         batch[3])
+            loss = loss_fn(train_model, batch, autocast) / cfg["grad_accum"]
             loss.backward()
             step_loss += loss.item()
             fl = flops.step_flops(model.config, cfg["strategy"], [len(s) for s in src], [len(t) - 1 for t in tgt],

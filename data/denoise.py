@@ -20,6 +20,9 @@ context and their test methods, each distinct string once, cut into windows that
 import argparse
 
 import numpy as np
+import torch
+
+from data.tokenizer import PAD
 
 
 def span_lengths(n_mask, rng, poisson_lambda=3.0):
@@ -56,6 +59,15 @@ def infill(ids, rng, mask_id, ratio=0.3, poisson_lambda=3.0):
             i += 1
     assert i == n, "every token is either kept or inside one span"
     return out, spans
+
+
+def word_dropout(dec, p, mask_id, generator=None):
+    """Target-side word dropout (Sennrich and Zhang 2019, §3): each token the decoder READS, but its first
+    (</s>) and the pads, becomes <mask> with probability p; the labels are not touched. With its own previous
+    tokens hidden, the decoder must take more from the source. dec: (B, T) decoder input ids -> a new tensor."""
+    drop = torch.rand(dec.shape, generator=generator, device=dec.device) < p
+    drop[:, 0] = False
+    return torch.where(drop & (dec != PAD), torch.full_like(dec, mask_id), dec)
 
 
 def texts(records, focal_context):

@@ -47,6 +47,25 @@ def test_span_lengths_are_poisson_3():
     assert np.mean(lengths) == pytest.approx(3.0, abs=0.06)
 
 
+def test_word_dropout_bernoulli_p_on_real_read_tokens_only():
+    """Each real decoder input but the first is replaced by <mask> independently with probability p: pads and
+    position 0 never; the masked share of the eligible tokens is Binomial(n, p) (a two-sided binomial test)."""
+    import torch
+    from data.tokenizer import PAD
+    dec = torch.randint(10, 1000, (64, 200))
+    lengths = torch.randint(1, 201, (64,))
+    dec[torch.arange(200)[None, :] >= lengths[:, None]] = PAD
+    for p in (0.1, 0.3):
+        out = denoise.word_dropout(dec, p, MASK, torch.Generator().manual_seed(0))
+        changed = out != dec
+        assert torch.equal(out[changed], torch.full_like(out[changed], MASK)) and not changed[:, 0].any()
+        assert not changed[dec == PAD].any()
+        eligible = int((dec != PAD).sum() - (dec[:, 0] != PAD).sum())
+        assert stats.binomtest(int(changed.sum()), eligible, p).pvalue > 1e-3
+    assert torch.equal(denoise.word_dropout(dec, 0.0, MASK), dec)
+    assert torch.equal(denoise.word_dropout(dec, 1.0, MASK)[:, 1:] == MASK, dec[:, 1:] != PAD)
+
+
 def test_noised_pairs_seeded_by_epoch(tmp_path):
     tok = train_tokenizer(["class A { int f() { return 1; } }", "@Test void t() { assertEquals(1, new A().f()); }"],
                           vocab_size=300, min_frequency=1)

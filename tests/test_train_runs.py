@@ -179,6 +179,30 @@ def test_base_two_stages_and_training_json(workspace, tmp_path, capsys):
     assert (saved["focal_context"], saved["max_src_len"], saved["max_tgt_len"]) == ("fm", 40, 48)
 
 
+def test_word_dropout_masks_what_the_decoder_reads_in_pair_steps_only(workspace, tmp_path, monkeypatch):
+    """--word_dropout=1: in a pair step the decoder reads </s> then <mask> at every real position, against the
+    same labels as without it; a denoising step's batch is left as collate made it."""
+    d, tok = workspace
+    seen, loss_fn = [], train.loss_fn
+    monkeypatch.setattr(train, "loss_fn", lambda m, batch, ac: seen.append(batch) or loss_fn(m, batch, ac))
+    with open(tmp_path / "big.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records(n_classes=25, per_class=2))
+    common = dict(mode="base", base_projects=tmp_path / "big.jsonl", out_dir=tmp_path / "runs", denoise_steps=0,
+                  denoise_every=2, max_steps=4, eval_interval=4)
+    for name, p in (("plain", 0.0), ("dropped", 1.0)):
+        train.main(args(d, name=name, save_base=tmp_path / name, word_dropout=p, **common))
+    plain, dropped = seen[:4], seen[4:]
+    mask = tok.token_to_id("<mask>")
+    for step, (a, b) in enumerate(zip(plain, dropped)):  # steps 1 and 3 (0-based) are denoising steps
+        assert torch.equal(a[3], b[3]) and torch.equal(a[0], b[0])
+        if step % 2 == 1:
+            assert torch.equal(a[2], b[2])
+        else:
+            real = b[3][:, 1:] != -100
+            assert torch.equal(b[2][:, 0], a[2][:, 0]) and (b[2][:, 1:][real] == mask).all()
+            assert torch.equal(b[2][:, 1:][~real], a[2][:, 1:][~real]) and not (a[2] == mask).any()
+
+
 @pytest.mark.parametrize("argv, message", [
     (["train.py", "--project={d}/notjson.jsonl", "--tokenizer={d}/tok.json", "--base={d}/no-base"], r"^error: .*notjson.jsonl:1: not a UTF-8 JSON line"),
     (["train.py", "--mode=base", "--tokenizer={d}/notjson.jsonl"], r"^error: .*notjson.jsonl: not a tokenizer.json"),
