@@ -3,6 +3,7 @@ from Poisson(lambda = 3), each span replaced by ONE <mask> (length 0: a <mask> i
 masked. The reference is the definition itself, checked on fixed seeds: reinserting each span at its <mask>
 gives the original back; exactly round(0.3 n) tokens are masked; the span lengths follow Poisson(3) (a chi-square
 test from scipy); masks never touch; the noise is the same for the same (seed, epoch) and differs across epochs.
+Target-side word dropout: Bernoulli(p) per real decoder input after the first (scipy's binomial test).
 
     .venv/bin/python -m pytest tests/test_data_denoise.py -q
 """

@@ -1,7 +1,8 @@
 """train.py, the run around the loop: kill -9 + resume equals an uninterrupted run bit for bit (CPU); a resume with
 another setting is refused and a log line cut by a kill is survived; bad input fails clearly; torchrun data
 parallel on CPU (gloo) sums what each rank ran; attention dropout with the Triton kernel is a printed choice; the
-base's two stages (and a denoising mix) and the training.json it carries. Run: `make test`."""
+base's two stages (and a denoising mix), word dropout on its pair steps only, and the training.json it carries.
+Run: `make test`."""
 import json
 import os
 import signal
