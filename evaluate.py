@@ -86,9 +86,10 @@ def syntax_valid(codes):
 
 
 def kruskal_table(groups):
-    """{name: values} -> {a: {b: Kruskal-Wallis p-value of a vs b}} (Table 4); nan where all values are equal."""
+    """{name: values} -> {a: {b: Kruskal-Wallis p-value of a vs b}} (Table 4); nan where all values are equal or a
+    side has one value (one project: scipy gives H = 1, p = 0.32 for ANY two distinct values, which is no test)."""
     from scipy.stats import kruskal
-    flat = lambda a, b: len(set(groups[a]) | set(groups[b])) < 2  # scipy refuses samples of one repeated value
+    flat = lambda a, b: len(set(groups[a]) | set(groups[b])) < 2 or min(len(groups[a]), len(groups[b])) < 2
     return {a: {b: None if a == b else float("nan") if flat(a, b) else float(kruskal(groups[a], groups[b]).pvalue)
                 for b in groups} for a in groups}
 
@@ -246,7 +247,10 @@ def report(root):
         kw = kruskal_table({c: [mean(metric, c, p) for p in have[c]] for c in cols})
         md += [f"## Table 4: Kruskal-Wallis p-values over projects, {metric} (paper: base vs each strategy 3e-08, "
                "between strategies 0.4-0.9)", "", *head]
-        md += [row(a, ["-" if v is None else f"{v:.2g}" for v in kw[a].values()]) for a in cols] + [""]
+        md += [row(a, ["-" if v is None else "n/a" if math.isnan(v) else f"{v:.2g}" for v in kw[a].values()])
+               for a in cols] + [""]
+        md += ["n/a: a side with one project or one repeated value (run more PROJECTS for a test over projects).",
+               ""] if any(v is not None and math.isnan(v) for a in cols for v in kw[a].values()) else []
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4))  # Figure 3: (a) top-k curves, (b) style cosines
     k = min(sum(m.startswith("exact@") for m in v[0]) for v in E.values())  # the beams every run returned
     for i, c in enumerate(cols):

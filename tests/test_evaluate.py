@@ -123,6 +123,9 @@ def test_kruskal_table_is_scipy():
         for b in ("base", "custom", "lldb"):
             assert t[a][b] is None if a == b else t[a][b] == pytest.approx(kruskal(groups[a], groups[b]).pvalue)
     assert math.isnan(t["flat"]["flat2"])  # scipy itself refuses: all values identical
+    one = ev.kruskal_table({"a": [5.7], "b": [9.3], "c": [1e6]})  # one project a side: scipy's p is a constant
+    assert kruskal([5.7], [9.3]).pvalue == pytest.approx(kruskal([5.7], [1e6]).pvalue) == pytest.approx(0.3173, abs=1e-4)
+    assert all(math.isnan(one[a][b]) for a in one for b in one if a != b)
     assert t["base"]["flat"] == pytest.approx(kruskal(groups["base"], groups["flat"]).pvalue)
 
 
