@@ -3,7 +3,7 @@ PY        ?= .venv/bin/python
 STRATEGY  ?= lldb
 PROJECT   ?= commons-io# a target of data/projects.tsv, or the path of your own Java checkout
 FOLD      ?= 0
-BASE_PROJECTS ?= grpc-java log4j2 truth jfreechart tomcat9# the default base subset (data/__init__.py); README: all 33
+BASE_PROJECTS ?= $(shell awk -F'\t' '$$6=="base"{print $$1}' data/projects.tsv)# all 33 (data.DEFAULT_BASE)
 PROJECTS  ?= $(shell awk -F'\t' '$$6=="target"{print $$1}' data/projects.tsv)
 STRATEGIES ?= custom leo lldb prefix
 FOLDS     ?= 0 1 2 3

@@ -102,7 +102,7 @@ def main():
     ap.add_argument("--out", default="data/cache/tokenizer.json")
     ap.add_argument("--vocab-size", type=int, default=8192)
     ap.add_argument("--min-frequency", type=int, default=2)
-    ap.add_argument("--projects", nargs="*", default=DEFAULT_BASE, help="base projects (default: the default subset)")
+    ap.add_argument("--projects", nargs="*", default=DEFAULT_BASE, help="base projects (default: all of them)")
     ap.add_argument("--all-base", action="store_true", help="every base project of data/projects.tsv")
     args = ap.parse_args()
     names = [r["name"] for r in read_projects() if r["role"] == "base"] if args.all_base else args.projects

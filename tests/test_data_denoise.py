@@ -114,3 +114,5 @@ def test_other_class_partners_same_project_other_class_and_stable():
     train, val = holdout(records[:12], fraction=0.25)
     assert {r["test_class"]["identifier"] for r in train}.isdisjoint({r["test_class"]["identifier"] for r in val})
     assert 3 <= len(val) <= 6 and len(train) + len(val) == 12
+    capped = holdout(records[:12], fraction=0.5, max_pairs=2)[1]  # the cap wins over the fraction (whole classes)
+    assert 2 <= len(capped) < 6 and set(map(id, capped)) <= set(map(id, records[:12]))
