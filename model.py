@@ -3,8 +3,11 @@ BART, the encoder-decoder behind AthenaTest, in one file (paper §2.1 and Figure
 
 Reads bottom-up: config and presets -> attention (the `math` reference beside `sdpa` and the Triton kernel)
 -> encoder layer -> decoder layer -> the model (embeddings, encoder, decoder, tied output layer) -> beam
-search -> loading and saving HF directories and fairseq checkpoints. Module and tensor names follow the HF
-`BartForConditionalGeneration` checkpoint, so loading is a key-for-key copy (docs/checkpoints.md).
+search -> loading and saving HF directories and fairseq checkpoints (the file readers are in weights.py).
+Module and tensor names follow the HF `BartForConditionalGeneration` checkpoint, so loading is a key-for-key
+copy (docs/checkpoints.md). Three CPU speed-ups keep their reference beside them (tests/test_model_fast_paths.py):
+the encoder's layers run on the real tokens only (packed), `sdpa` takes padding-only and causal-only short cuts,
+and dropout draws its random bits two elements to a 32-bit draw.
 
     from model import BART
     model = BART.from_pretrained("path/to/hf_dir_or_fairseq.pt")
@@ -114,13 +117,19 @@ def attention_math(q, k, v, key_padding_mask=None, causal=False, prefix_k=None, 
 
 def attention_sdpa(q, k, v, key_padding_mask=None, causal=False, prefix_k=None, prefix_v=None,
                    prefix_index=None, softmax_scale=None, dropout_p=0.0):
-    """PyTorch's fused attention on the concatenated prefix + keys with a boolean mask (the kernel's baseline)."""
-    if key_padding_mask is None and not causal and prefix_k is None:
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=softmax_scale)
+    """PyTorch's fused attention. Without a prefix, padding alone goes in as a (B, 1, 1, Lk) mask and causal alone
+    (Lq = Lk) as is_causal, so the kernel skips the masked blocks; else the concatenated prefix + keys, full mask."""
+    kw = dict(dropout_p=dropout_p, scale=softmax_scale)
+    if prefix_k is None and not causal:
+        if key_padding_mask is None:
+            return F.scaled_dot_product_attention(q, k, v, **kw)
+        row_ok = key_padding_mask.any(dim=-1)[:, None, None, None]  # (B, 1, 1, 1): a row with no real key gives 0
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=key_padding_mask[:, None, None, :] | ~row_ok, **kw) * row_ok
+    if prefix_k is None and key_padding_mask is None and q.shape[2] == k.shape[2]:  # upper-left = lower-right here
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, **kw)
     k, v, visible = with_prefix_and_mask(q, k, v, key_padding_mask, causal, prefix_k, prefix_v, prefix_index)
     row_ok = visible.any(dim=-1, keepdim=True)  # fully masked rows: unmask them, then zero the output
-    y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible | ~row_ok, dropout_p=dropout_p, scale=softmax_scale)
-    return y * row_ok
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=visible | ~row_ok, **kw) * row_ok
 
 
 def attention_triton(q, k, v, dropout_p=0.0, prefix_index=None, **kw):
@@ -139,6 +148,16 @@ def gather_prefix(prefix_k, prefix_v, prefix_index, B):
         return prefix_k.expand(B, *prefix_k.shape), prefix_v.expand(B, *prefix_v.shape)
     assert prefix_index is not None and prefix_index.shape == (B,), "a prefix bank needs prefix_index of shape (B,)"
     return prefix_k[prefix_index], prefix_v[prefix_index]
+
+
+VARLEN_DEVICES = {"cpu"}  # where the encoder's self-attention runs one call per row (Attention.packed)
+
+
+def scatter_rows(x, where):
+    """(N, ...) rows of the real tokens -> (B, S, ...) with zeros at the pads; where (B, S) bool, N True entries."""
+    out = x.new_zeros(*where.shape, *x.shape[1:])
+    out[where] = x
+    return out
 
 
 class Attention(nn.Module):
@@ -170,9 +189,37 @@ class Attention(nn.Module):
                                              prefix_k=pk, prefix_v=pv, prefix_index=prefix_index, dropout_p=p)
         return self.out_proj(y.transpose(1, 2).reshape(B, T, C))  # (B, H, T, hd) -> (B, T, C)
 
+    def packed(self, x, mask, prefix=None, prefix_index=None):
+        """The encoder's self-attention on the real tokens only: x (N, C) = padded[mask], mask (B, S) -> (N, C).
+        On a CPU one unmasked call per row, so no pad is computed (FlashAttention's varlen, as a loop); elsewhere
+        the rows go back to (B, H, S, hd) for one masked call (a loop of small launches is slow on a GPU)."""
+        pk, pv = prefix if prefix is not None else (None, None)
+        kw = dict(prefix_k=pk, prefix_v=pv, dropout_p=self.config.attention_dropout if self.training else 0.0)
+        attend, (q, k, v) = ATTENTION[self.config.attn_impl], (f(x) for f in (self.q_proj, self.k_proj, self.v_proj))
+        if x.device.type not in VARLEN_DEVICES:
+            y = attend(*(self.split_heads(scatter_rows(t, mask)) for t in (q, k, v)), key_padding_mask=mask,
+                       prefix_index=prefix_index, **kw)
+            return self.out_proj(y.transpose(1, 2)[mask].flatten(1))  # (B, S, H, hd)[mask] -> (N, H, hd) -> (N, C)
+        heads = lambda t: t.view(-1, self.n_heads, self.head_dim).transpose(0, 1).split(mask.sum(1).tolist(), dim=1)
+        y = [attend(q_i[None], k_i[None], v_i[None], prefix_index=None if prefix_index is None else prefix_index[i:i + 1],
+                    **kw)[0] for i, (q_i, k_i, v_i) in enumerate(zip(heads(q), heads(k), heads(v)))]  # (H, n_i, hd) each
+        return self.out_proj(torch.cat(y, dim=1).transpose(0, 1).flatten(1))  # (H, N, hd) -> (N, C)
+
 
 # -----------------------------------------------------------------------------
 # layers: post-LN (residual add, then LayerNorm), exact erf GELU, as fairseq's bart_large
+
+
+def dropout(x, p, training):
+    """F.dropout with cheaper random bits on a CPU, where torch's generator is a serial Mersenne twister and
+    F.dropout's Bernoulli mask costs ~10 ns an element (a tenth of a training step): one 32-bit draw makes two
+    15-bit fields, an element is dropped when its field < round(p * 32768) (p to 1/32768: 0.1 -> 0.100006) and
+    the rest scaled by 1 / (1 - that p). Elsewhere F.dropout (on a GPU: Philox, fused)."""
+    if not training or not 0.0 < p < 1.0 or x.device.type != "cpu":
+        return F.dropout(x, p=p, training=training)
+    cut, n = round(p * 32768), x.numel()
+    bits = torch.empty((n + 1) // 2, dtype=torch.int32).random_().view(torch.int16)[:n].view(x.shape)  # 31 bits each
+    return x * (((bits & 0x7FFF) >= cut).to(x.dtype) * (32768 / (32768 - cut)))
 
 
 class EncoderLayer(nn.Module):
@@ -186,9 +233,9 @@ class EncoderLayer(nn.Module):
         self.config = config
 
     def forward(self, x, mask, prefix=None, prefix_index=None):
-        drop = lambda t, p: F.dropout(t, p=p, training=self.training)
-        k, v = self.self_attn.project_kv(x)
-        h = self.self_attn(x, k, v, key_padding_mask=mask, prefix=prefix, prefix_index=prefix_index)
+        """x (N, C): the batch's real tokens only (padded[mask], mask (B, S)); all but attention is per token."""
+        drop = lambda t, p: dropout(t, p, self.training)
+        h = self.self_attn.packed(x, mask, prefix, prefix_index)
         x = self.self_attn_layer_norm(x + drop(h, self.config.dropout))
         h = self.fc2(drop(F.gelu(self.fc1(x)), self.config.activation_dropout))
         return self.final_layer_norm(x + drop(h, self.config.dropout))
@@ -209,14 +256,15 @@ class DecoderLayer(nn.Module):
     def forward(self, x, enc, enc_mask, dec_mask=None, prefix=(None, None), prefix_index=None, cache=None, beams=1):
         """x (B*beams, T, C) decoder states; enc (B, S, C) encoder output, shared by the `beams` consecutive rows
         of x that belong to one input (beam search); prefix = (self-attention, cross) K/V pairs; cache: a dict this
-        layer fills ("k", "v" grow by T each call; "ck", "cv" are computed once)."""
+        layer fills ("k", "v" grow by T each call, first gathered by a pending "order"; "ck", "cv" are computed once)."""
         BK, T, C = x.shape
-        drop = lambda t, p: F.dropout(t, p=p, training=self.training)
+        drop = lambda t, p: dropout(t, p, self.training)
         # causal self-attention; with a cache the new keys are appended to the past ones
         k, v = self.self_attn.project_kv(x)  # (B, H, T, hd)
         if cache is not None:
-            if "k" in cache:
-                k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
+            if "k" in cache:  # generate() leaves "order", each row's parent beam: gathered as the new keys append
+                order = cache.pop("order", None)
+                k, v = append_kv(cache["k"], k, order), append_kv(cache["v"], v, order)
             cache["k"], cache["v"] = k, v
         h = self.self_attn(x, k, v, key_padding_mask=dec_mask, causal=True, prefix=prefix[0],
                            prefix_index=prefix_index)
@@ -236,6 +284,15 @@ class DecoderLayer(nn.Module):
         x = self.encoder_attn_layer_norm(x + drop(h, self.config.dropout))
         h = self.fc2(drop(F.gelu(self.fc1(x)), self.config.activation_dropout))
         return self.final_layer_norm(x + drop(h, self.config.dropout))
+
+
+def append_kv(past, new, order=None):
+    """cat([past[order], new], dim=2) in one copy: the past rows are gathered straight into the result."""
+    P = past.shape[2]
+    out = new.new_empty(new.shape[0], new.shape[1], P + new.shape[2], new.shape[3])
+    torch.index_select(past, 0, order, out=out[:, :, :P]) if order is not None else out[:, :, :P].copy_(past)
+    out[:, :, P:] = new
+    return out
 
 
 # -----------------------------------------------------------------------------
@@ -263,14 +320,14 @@ class Embeddings(nn.Module):
         self.scale = math.sqrt(config.d_model) if config.scale_embedding else 1.0
         self.config = config
 
-    def embed(self, ids, mask, past=0):
+    def embed(self, ids, mask, past=0, packed=False):  # packed: (N, C), the rows of mask's real tokens only
         B, T = ids.shape
         pos = positions(mask, T, past, ids.device)
         if int(pos.max()) + 2 >= self.embed_positions.num_embeddings:
             raise ValueError(f"sequence of {int(pos.max()) + 1} tokens exceeds max_position_embeddings "
                              f"{self.config.max_position_embeddings}: truncate the input")
         x = self.embed_tokens(ids) * self.scale + self.embed_positions(pos + 2)  # (B, T, C)
-        return F.dropout(self.layernorm_embedding(x), p=self.config.dropout, training=self.training)
+        return dropout(self.layernorm_embedding(x[mask] if packed else x), self.config.dropout, self.training)
 
 
 class Encoder(Embeddings):
@@ -279,10 +336,11 @@ class Encoder(Embeddings):
         self.layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.encoder_layers))
 
     def forward(self, ids, mask, prefix=None, prefix_index=None):
-        x = self.embed(ids, mask)
+        # packed: the layers see the N real tokens, not B * S (a ragged batch is 20-40% pads; HF computes them)
+        x = self.embed(ids, mask, packed=True)  # (N, C)
         for i, layer in enumerate(self.layers):
             x = layer(x, mask, prefix=layer_prefix(prefix, i), prefix_index=prefix_index)
-        return x  # (B, S, C); BART has no final encoder LayerNorm (post-LN)
+        return scatter_rows(x, mask)  # (B, S, C), zeros at the pads; BART has no final encoder LayerNorm (post-LN)
 
 
 class Decoder(Embeddings):
@@ -429,9 +487,8 @@ class BART(nn.Module):
             keep = torch.topk(live, K)[1]
             run_seq, run_score = take(cand_seq, keep), take(live, keep)
             beam_idx = (take(parent, keep) + torch.arange(Ba, device=dev)[:, None] * K).view(-1)  # (Ba*K,) parents
-            for c in cache:  # the self-attention cache follows each beam's parent; the cross-attention cache
-                c["k"], c["v"] = c["k"].index_select(0, beam_idx), c["v"].index_select(0, beam_idx)
-                # ("ck", "cv") needs no reordering: the K beams of a row share one copy of the encoder K/V
+            for c in cache:  # the self-attention cache follows each beam's parent (gathered at the next step,
+                c["order"] = beam_idx  # append_kv); ("ck", "cv") needs none: the K beams share the encoder's K/V
             # the candidates that end join the K finished ones if they beat them (length-normalized scores)
             full = fin_done.all(dim=1, keepdim=True) & (early_stopping is True)
             new_score = cand_score / (cur ** length_penalty) - 1e9 * (full | ~improvable | ~(ends & top_k)).float()
@@ -455,7 +512,7 @@ class BART(nn.Module):
                 fin_len, fin_done, improvable = fin_len[rows], fin_done[rows], improvable[rows]
                 index = index[rows] if index is not None else None
                 for c in cache:
-                    c["k"], c["v"], c["ck"], c["cv"] = c["k"][beam_rows], c["v"][beam_rows], c["ck"][rows], c["cv"][rows]
+                    c["order"], c["ck"], c["cv"] = c["order"][beam_rows], c["ck"][rows], c["cv"][rows]
         else:  # max_new_tokens = 0: nothing ran
             out_seq[alive], out_score[alive], out_len[alive] = fin_seq, fin_score, fin_len
         n = num_return_sequences

@@ -54,11 +54,11 @@ SHARED = ("lora", "lldb", "leo")  # strategies whose rows share one batch over t
 
 class Rows:
     """The run slot of every row of the model call in progress. Hooks on the encoder and the decoder read it from
-    their prefix_index argument, which model.generate carries through beam expansion and the removal of finished
-    inputs: `rows` are the call's own rows (the decoder's B*beams), `inputs` one per input (the encoder output's)."""
+    inputs: `rows` are the call's own rows (the decoder's B*beams), `inputs` one per input (the encoder output's),
+    `tokens` one per real token of the encoder's input (its layers take the real tokens packed, model.py)."""
 
     def __init__(self, model):
-        self.rows = self.inputs = None
+        self.rows = self.inputs = self.tokens = None
         for m in (model.model.encoder, model.model.decoder):
             m.register_forward_pre_hook(self.hook, with_kwargs=True)
 
@@ -66,6 +66,8 @@ class Rows:
         bound = inspect.signature(module.forward).bind(*args, **kwargs).arguments
         index, beams = bound.get("prefix_index"), bound.get("beams", 1)
         self.rows, self.inputs = index, None if index is None else index[::beams]
+        mask = bound.get("mask")  # the encoder's (B, S): its packed tensors are (N, ...), N = mask.sum()
+        self.tokens = None if index is None or mask is None else index[:, None].expand(mask.shape)[mask.bool()]
 
     @contextlib.contextmanager
     def subset(self, r, i):
@@ -81,6 +83,8 @@ class Rows:
         """The slots of a tensor with n rows: the call's rows, or its inputs' (cross-attention: B rows)."""
         if self.rows is None:
             return None
+        if self.tokens is not None and n == len(self.tokens):  # N >= 2B (<s> </s>): never a count of rows
+            return self.tokens
         if n in (len(self.rows), len(self.inputs)):
             return self.rows if n == len(self.rows) else self.inputs
         raise ValueError(f"a tensor of {n} rows in a call of {len(self.rows)} rows: serving runs whole batches only")
@@ -131,6 +135,9 @@ class GroupedBlock(Grouped):
         groups = self.groups(x.shape[0])
         if len(groups) == 1:
             return self.variants[groups[0][0]](x, enc, enc_mask, dec_mask, prefix, prefix_index, cache, beams)
+        if cache is not None and "order" in cache:  # the beams' parents (model.generate): reorder before slicing
+            order = cache.pop("order")
+            cache["k"], cache["v"] = cache["k"][order], cache["v"][order]
         per_input = ("ck", "cv")  # the cross-attention K/V: one per input, computed at the first step only
         keys = ("k", "v") + (per_input if cache is not None and "ck" not in cache else ())
         out, parts = torch.empty_like(x), []

@@ -111,12 +111,12 @@ def kv_of_tokens(model, ids):
     ids = ids.to(model.model.shared.weight.device)[None]  # (1, P)
     mask = torch.ones_like(ids, dtype=torch.bool)
     encoder, decoder = model.model.encoder, model.model.decoder
-    x, enc_kv = encoder.embed(ids, mask), []
+    x, enc_kv = encoder.embed(ids, mask, packed=True), []  # (P, C): the encoder layers take the real tokens packed
     for layer in encoder.layers:
-        enc_kv.append(torch.stack(layer.self_attn.project_kv(x)))  # (2, 1, H, P, hd)
+        enc_kv.append(torch.stack(layer.self_attn.project_kv(x[None])))  # (2, 1, H, P, hd)
         x = layer(x, mask)
     cache = [dict() for _ in decoder.layers]
-    decoder(ids, x, mask, cache=cache)  # each layer's cache receives its self K/V ("k", "v") and cross K/V
+    decoder(ids, x[None], mask, cache=cache)  # each layer's cache receives its self K/V ("k", "v") and cross K/V
     model.train(was_training)
     stack = lambda kvs: torch.stack(kvs)[:, :, 0]  # (L, 2, 1, H, P, hd) -> (L, 2, H, P, hd)
     return {"encoder": stack(enc_kv), "decoder": stack([torch.stack((c["k"], c["v"])) for c in cache]),

@@ -12,7 +12,8 @@ CPU, `tiny` preset, fp32, both models in train mode (dropout 0.1) on the same we
      vocabulary, dropout, layer norm + GELU + adds, the optimizer, the rest);
   3. beam-5 generation with 5 returns against HF generate (same settings): tokens/s, and whether the sequences and
      the scores are the same.
-Each ratio is against its reference measured in the same run; medians of --reps runs after a warm-up.
+Each ratio is against its reference measured in the same run, the two timed in alternation; medians of --reps
+runs after a warm-up.
 """
 import argparse
 import os
@@ -31,7 +32,8 @@ from model import BART, config_from_preset  # noqa: E402
 
 GROUPS = {"GEMMs (linear, matmul)": ("addmm", "aten::mm", "bmm", "matmul", "linear"),
           "attention (sdpa)": ("scaled_dot_product",), "softmax + cross-entropy over V": ("log_softmax", "nll_loss"),
-          "dropout": ("bernoulli", "dropout"), "layer norm, GELU, adds": ("layer_norm", "gelu", "aten::add", "aten::mul"),
+          "dropout (its random bits)": ("bernoulli", "dropout", "random_", "bitwise_and"),
+          "layer norm, GELU, adds": ("layer_norm", "gelu", "aten::add", "aten::mul"),
           "optimizer (AdamW)": ("_foreach", "adamw", "addcdiv", "lerp", "sqrt")}
 
 
@@ -43,6 +45,19 @@ def timeit(fn, reps):
         fn()
         ts.append(time.perf_counter() - t0)
     return statistics.median(ts)
+
+
+def time_pair(ours, ref, reps):
+    """Medians of `ours` and `ref` timed in alternation (ours, ref, ours, ref, ...): a 2-core VM's speed drifts by
+    10-20% over a minute, and timing one after the other would put that drift into the ratio."""
+    ours(), ref()  # warm-up
+    ts = ([], [])
+    for _ in range(reps):
+        for fn, t in zip((ours, ref), ts):
+            t0 = time.perf_counter()
+            fn()
+            t.append(time.perf_counter() - t0)
+    return statistics.median(ts[0]), statistics.median(ts[1])
 
 
 def batch(cfg, B, S, T, ragged_tgt, g):
@@ -108,7 +123,7 @@ def main():
         def step_hf():
             hf(input_ids=ids, attention_mask=mask, decoder_input_ids=dec, labels=labels).loss.backward()
             opt_hf.step(), opt_hf.zero_grad(set_to_none=True)
-        t_hf, t_ours = timeit(step_hf, args.reps), timeit(step_ours, args.reps)
+        t_ours, t_hf = time_pair(step_ours, step_hf, args.reps)
         what = f"train step, targets {'ragged ' + str(args.tgt // 4) + '..' if ragged else ''}{args.tgt} ({pad:.0%} pads)"
         rows.append((what, t_ours, t_hf))
         if args.compile and not ragged:
@@ -135,7 +150,7 @@ def main():
     (so, sc_o), h = gen_ours(), gen_hf()
     same_seq = so.shape == h.sequences.shape and torch.equal(so, h.sequences)
     same_score = torch.allclose(sc_o, h.sequences_scores, atol=1e-5)
-    t_ours, t_hf = timeit(gen_ours, 2), timeit(gen_hf, 2)
+    t_ours, t_hf = time_pair(gen_ours, gen_hf, 3)
     n_ours, n_hf = (gb * 5 * (s.shape[1] - 1) for s in (so, h.sequences))
     print("| measure | ours | HF | ours / HF | goal |\n|---|---|---|---|---|")
     for what, t, ref in rows:
