@@ -471,15 +471,21 @@ class BART(nn.Module):
             step_ids = run_seq[:, :, cur - 1].reshape(Ba * K, 1)  # the last token of every running beam
             beams_prefix = (sites, index.repeat_interleave(K)) if index is not None else sites  # beams share it
             logits = self.decode(step_ids, enc, attention_mask, beams_prefix, cache, beams=K)[:, -1].float()  # (Ba*K, V)
-            logp = F.log_softmax(logits, dim=-1)
             if cfg.forced_bos_token_id is not None and cur == 1:  # only <s> may come first
-                logp = torch.full_like(logp, float("-inf"))
-                logp[:, cfg.forced_bos_token_id] = 0.0
-            V = logp.shape[-1]
-            cand = (logp.view(Ba, K, V) + run_score[:, :, None]).view(Ba, K * V)
-            cand_score, cand_idx = torch.topk(cand, 2 * K)  # (Ba, 2K): 2K, so that K can go on after EOS
-            parent, token = cand_idx // V, cand_idx % V
-            cand_seq = take(run_seq, parent).clone()  # (Ba, 2K, max_len)
+                logits = torch.full_like(logits, float("-inf"))
+                logits[:, cfg.forced_bos_token_id] = 0.0
+            # HF ranks log_softmax(logits) + beam score over all K * V candidates of an input and keeps the best 2K
+            # (2K, so that K can go on after EOS). log_softmax only shifts a row, so each of those 2K is among its
+            # own row's 2K largest logits: the vocabulary-wide work is one top-k and one log-sum-exp per row
+            # (no (Ba*K, V) log-probabilities written), and the ranking runs on the K * 2K survivors.
+            m = logits.amax(dim=-1, keepdim=True)  # log_softmax's arithmetic: (x - max) - log(sum(exp(x - max)))
+            log_z = (logits - m).exp_().sum(dim=-1, keepdim=True).log_()
+            r = min(2 * K, logits.shape[-1])  # a row's candidates (fewer only with a vocabulary under 2K)
+            row_best, row_token = torch.topk(logits, r, dim=-1)  # (Ba*K, r)
+            cand = ((row_best - m) - log_z).view(Ba, K, r) + run_score[:, :, None]  # log-probs + beam scores
+            cand_score, cand_idx = torch.topk(cand.view(Ba, K * r), 2 * K)  # (Ba, 2K), best first
+            parent, token = cand_idx // r, torch.gather(row_token.view(Ba, K * r), 1, cand_idx)
+            cand_seq = take(run_seq, parent)  # (Ba, 2K, max_len), a new tensor (gather)
             cand_seq[:, :, cur] = token
             ends = (token == cfg.eos_token_id) | (cur == max_len - 1)  # EOS, or out of room
             # the K best candidates that do not end keep running
