@@ -129,21 +129,34 @@ class Grouped(nn.Module):
 
 class GroupedBlock(Grouped):
     """lldb's bank of last decoder blocks: each group of rows (whole inputs, all their beams: they are consecutive
-    rows) runs its run's block on its slice of the KV cache, which is then put back together."""
+    rows) runs its run's block on its rows of the KV cache (gathered through the beams' parents as the block appends
+    its new keys), which are then put back together."""
 
     def forward(self, x, enc, enc_mask, dec_mask=None, prefix=(None, None), prefix_index=None, cache=None, beams=1):
         groups = self.groups(x.shape[0])
         if len(groups) == 1:
             return self.variants[groups[0][0]](x, enc, enc_mask, dec_mask, prefix, prefix_index, cache, beams)
-        if cache is not None and "order" in cache:  # the beams' parents (model.generate): reorder before slicing
-            order = cache.pop("order")
-            cache["k"], cache["v"] = cache["k"][order], cache["v"][order]
         per_input = ("ck", "cv")  # the cross-attention K/V: one per input, computed at the first step only
         keys = ("k", "v") + (per_input if cache is not None and "ck" not in cache else ())
+        order = cache.pop("order", None) if cache is not None else None  # the beams' parents (model.generate)
+        slices = {}  # variant -> its inputs' cross K/V, kept in the cache while the batch's inputs stay the same
+        if cache is not None and "ck" in cache:
+            if cache.get("groups", (None,))[0] is not cache["ck"]:  # first use, or generate sliced "ck" (inputs left)
+                cache["groups"] = (cache["ck"], {})
+            slices = cache["groups"][1]
         out, parts = torch.empty_like(x), []
         for u, r in groups:
             i = r[::beams] // beams  # the group's inputs
-            sub = None if cache is None else {key: t[i if key in per_input else r] for key, t in cache.items()}
+            sub = None
+            if cache is not None:
+                # the past self-attention K/V stay whole: the block's append_kv gathers the group's rows (through
+                # their parents) straight into its new cache, one copy; the cross K/V slices are kept while the
+                # batch's inputs do not change
+                sub = {"k": cache["k"], "v": cache["v"], "order": r if order is None else order[r]} if "k" in cache else {}
+                if "ck" in cache:
+                    if u not in slices:
+                        slices[u] = (cache["ck"][i], cache["cv"][i])
+                    sub["ck"], sub["cv"] = slices[u]
             with self.rows.subset(r, i):  # the base's block may hold LoRA banks: they see the group's slots
                 out[r] = self.variants[u](x[r], enc[i], enc_mask[i], None if dec_mask is None else dec_mask[r],
                                           prefix, None if prefix_index is None else prefix_index[r], sub, beams)
