@@ -9,7 +9,7 @@ models"); it argues it and does not build it. Each row of a batch is computed wi
   lora    a bank of (A, B) per run applied per row: a gather and two batched matmuls (Punica's segmented matmul,
           unfused); a run without a LoRA at a site holds zeros there, so its rows get the base's output exactly
   lldb    the frozen trunk runs once for the whole batch; the last decoder block once per group of rows of one run
-          (a bank of blocks), each group on its own slice of the KV cache
+          (a bank of blocks), each group on its own rows of the KV cache
   leo     per group of rows of one run: its token embedding, position tables (and layernorm_embedding, if it
           trained them) and output layer
   custom  shares nothing with the base: served as its own model in the same command, as is a prefix run whose
