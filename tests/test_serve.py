@@ -186,3 +186,21 @@ def test_a_row_index_without_a_prefix_reaches_the_triton_kernel_as_none():
         alone, alone_scores = models[name].generate(ids[i:i + 1], mask[i:i + 1], max_new_tokens=3)
         assert torch.equal(seqs[i:i + 1, :alone.shape[1]], alone)
         torch.testing.assert_close(scores[i:i + 1], alone_scores, rtol=1e-4, atol=1e-4)
+
+
+def test_lldb_runs_mixed_while_inputs_finish_at_different_steps():
+    """Inputs that finish early leave model.generate's batch: an lldb group then holds fewer rows while another
+    group goes on, and the cross-attention K/V slices the bank keeps per group must be taken again. Beam 5, EOS made
+    likelier (the fixture's bias and inputs chosen so that this happens, which the test checks)."""
+    models = {f"lldb{i}": customized("lldb", 70 + i) for i in range(2)}
+    server = server_of(models)
+    for m in [server.base, *models.values()]:
+        m.final_logits_bias[0, EOS] = 0.6
+    block, groups = server.base.model.decoder.layers[-1], []
+    assert isinstance(block, serve.GroupedBlock)
+    hook = block.register_forward_pre_hook(
+        lambda mod, args: groups.append({int(u): len(r) for u, r in mod.groups(args[0].shape[0])}))
+    assert_rows_equal_alone(server, models, ["lldb0"] * 4 + ["lldb1"] * 2, 5)
+    hook.remove()
+    shrank = [len(g) > 1 and any(0 < g.get(u, 0) < n for u, n in prev.items()) for prev, g in zip(groups, groups[1:])]
+    assert any(shrank), f"a group should lose rows while another goes on (rows per group and step: {groups})"
