@@ -164,6 +164,20 @@ def test_generate_matches_hf(tmp_path, beams):
         assert (scores - out.sequences_scores).abs().max() < 1e-5
 
 
+def test_generate_with_forced_bos_matches_hf(tmp_path):
+    """A checkpoint whose config forces <s> first (forced_bos_token_id): beam 5 gives HF generate's sequences and
+    scores (HF sets every log-probability of the first step to -inf but <s>'s; ours does it to the logits)."""
+    ours, hf = make_pair(tmp_path, eos_bias=4.0, forced_bos_token_id=0)
+    ids, mask, _ = batch()
+    seqs, scores = ours.generate(ids, mask, num_beams=5, num_return_sequences=5, max_new_tokens=10)
+    out = hf.generate(input_ids=ids, attention_mask=mask, num_beams=5, num_return_sequences=5, max_new_tokens=10,
+                      do_sample=False, early_stopping=True, length_penalty=1.0, min_length=0, no_repeat_ngram_size=0,
+                      forced_bos_token_id=0, forced_eos_token_id=None, output_scores=True, return_dict_in_generate=True)
+    assert (seqs[:, 1] == 0).all(), "every sequence should open with <s> after the decoder start token"
+    assert torch.equal(seqs, out.sequences)
+    assert (scores - out.sequences_scores).abs().max() < 1e-5
+
+
 @pytest.mark.parametrize("name,count", [("bart-large", 406_291_456), ("bart-base", 139_420_416)])
 def test_preset_parameter_counts(name, count):
     """Presets built on the meta device have the published parameter counts (../docs/checkpoints.md §10)."""
