@@ -475,14 +475,13 @@ class BART(nn.Module):
                 logits = torch.full_like(logits, float("-inf"))
                 logits[:, cfg.forced_bos_token_id] = 0.0
             # HF ranks log_softmax(logits) + beam score over all K * V candidates of an input and keeps the best 2K
-            # (2K, so that K can go on after EOS). log_softmax only shifts a row, so each of those 2K is among its
-            # own row's 2K largest logits: the vocabulary-wide work is one top-k and one log-sum-exp per row
-            # (no (Ba*K, V) log-probabilities written), and the ranking runs on the K * 2K survivors.
-            m = logits.amax(dim=-1, keepdim=True)  # log_softmax's arithmetic: (x - max) - log(sum(exp(x - max)))
-            log_z = (logits - m).exp_().sum(dim=-1, keepdim=True).log_()
+            # (2K, so that K can go on after EOS). A beam's score shifts its whole row, so each of those 2K is among
+            # its own row's 2K best log-probabilities: the vocabulary-wide work is one log_softmax (one fused
+            # kernel; a hand-written log-sum-exp is four passes and measured slower) and one top-k per row, and
+            # the ranking runs on the K * 2K survivors, not on K * V sums.
             r = min(2 * K, logits.shape[-1])  # a row's candidates (fewer only with a vocabulary under 2K)
-            row_best, row_token = torch.topk(logits, r, dim=-1)  # (Ba*K, r)
-            cand = ((row_best - m) - log_z).view(Ba, K, r) + run_score[:, :, None]  # log-probs + beam scores
+            row_best, row_token = torch.topk(torch.log_softmax(logits, dim=-1), r, dim=-1)  # (Ba*K, r)
+            cand = row_best.view(Ba, K, r) + run_score[:, :, None]  # log-probs + beam scores
             cand_score, cand_idx = torch.topk(cand.view(Ba, K * r), 2 * K)  # (Ba, 2K), best first
             parent, token = cand_idx // r, torch.gather(row_token.view(Ba, K * r), 1, cand_idx)
             cand_seq = take(run_seq, parent)  # (Ba, 2K, max_len), a new tensor (gather)
@@ -495,6 +494,10 @@ class BART(nn.Module):
             beam_idx = (take(parent, keep) + torch.arange(Ba, device=dev)[:, None] * K).view(-1)  # (Ba*K,) parents
             for c in cache:  # the self-attention cache follows each beam's parent (gathered at the next step,
                 c["order"] = beam_idx  # append_kv); ("ck", "cv") needs none: the K beams share the encoder's K/V
+            # most steps finish no beam: then the finished sets, the stopping test and `done` below cannot change
+            # (an input stops only once a candidate ends or its K finished slots are full), so they are skipped
+            if not (ends & top_k).any() and not fin_done.all(dim=1).any():
+                continue
             # the candidates that end join the K finished ones if they beat them (length-normalized scores)
             full = fin_done.all(dim=1, keepdim=True) & (early_stopping is True)
             new_score = cand_score / (cur ** length_penalty) - 1e9 * (full | ~improvable | ~(ends & top_k)).float()

@@ -148,14 +148,19 @@ def test_kv_cache_equals_full_forward(tmp_path):
     assert (torch.cat(steps, 1) - full).abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("beams", [1, 5])
-def test_generate_matches_hf(tmp_path, beams):
-    """Greedy and 5-beam search (5 returned) give HF generate's sequences and length-normalized scores."""
+@pytest.mark.parametrize("beams,early_stopping,length_penalty", [(1, True, 1.0), (5, True, 1.0), (5, False, 1.0),
+                                                                  (5, "never", 2.0), (5, False, 0.5)])
+def test_generate_matches_hf(tmp_path, beams, early_stopping, length_penalty):
+    """Greedy and 5-beam search (5 returned) give HF generate's sequences and length-normalized scores, with each
+    of HF's stopping rules (early_stopping True / False / "never") and length penalties: beams finish at different
+    steps here (a bias on </s>), so the finished sets, the stopping test and the inputs leaving the batch all run."""
     ours, hf = make_pair(tmp_path, eos_bias=4.0)
     ids, mask, _ = batch()
-    seqs, scores = ours.generate(ids, mask, num_beams=beams, num_return_sequences=beams, max_new_tokens=10)
+    seqs, scores = ours.generate(ids, mask, num_beams=beams, num_return_sequences=beams, max_new_tokens=10,
+                                 early_stopping=early_stopping, length_penalty=length_penalty)
     out = hf.generate(input_ids=ids, attention_mask=mask, num_beams=beams, num_return_sequences=beams,
-                      max_new_tokens=10, do_sample=False, early_stopping=True, length_penalty=1.0, min_length=0,
+                      max_new_tokens=10, do_sample=False, early_stopping=early_stopping,
+                      length_penalty=length_penalty, min_length=0,
                       no_repeat_ngram_size=0, forced_bos_token_id=None, forced_eos_token_id=None,
                       output_scores=True, return_dict_in_generate=True)
     assert (seqs == 2).sum(1).gt(1).any(), "fixture should finish some beams with </s> before the limit"
