@@ -11,7 +11,9 @@ CPU, `tiny` preset, fp32, both models in train mode (dropout 0.1) on the same we
   2. where our step's time goes (torch.profiler, grouped: GEMMs, attention, softmax + cross-entropy over the
      vocabulary, dropout, layer norm + GELU + adds, the optimizer, the rest);
   3. beam-5 generation with 5 returns against HF generate (same settings): tokens/s, and whether the sequences and
-     the scores are the same.
+     the scores are the same; at two shapes: --gen-batch inputs x --new-tokens (4 x 64: a few requests, where fixed
+     per-step costs weigh most) and evaluate.py's own (--eval-batch 16 inputs x 128 new tokens, what `make train`
+     scores with).
 Each ratio is against its reference measured in the same run, the two timed in alternation; medians of --reps
 runs after a warm-up.
 """
@@ -85,6 +87,26 @@ def profile(step):
     return {g: v / total for g, v in out.items()}
 
 
+def beam(ours, hf, ids, mask, new_tokens):
+    """Beam 5, 5 returned, on the same inputs: (ours tokens/s, HF tokens/s, same sequences, same scores)."""
+    kw = dict(num_beams=5, num_return_sequences=5, max_new_tokens=new_tokens)
+
+    def gen_ours():
+        return ours.generate(ids, mask, **kw)
+
+    def gen_hf():
+        with torch.no_grad():
+            return hf.generate(input_ids=ids, attention_mask=mask, do_sample=False, early_stopping=True,
+                               no_repeat_ngram_size=0, min_length=0, length_penalty=1.0, forced_bos_token_id=None,
+                               forced_eos_token_id=None, output_scores=True, return_dict_in_generate=True, **kw)
+    (so, sc_o), h = gen_ours(), gen_hf()
+    same_seq = so.shape == h.sequences.shape and torch.equal(so, h.sequences)
+    same_score = torch.allclose(sc_o, h.sequences_scores, atol=1e-5)
+    t_ours, t_hf = time_pair(gen_ours, gen_hf, 3)
+    n_ours, n_hf = (ids.shape[0] * 5 * (s.shape[1] - 1) for s in (so, h.sequences))
+    return n_ours / t_ours, n_hf / t_hf, same_seq, same_score
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="tiny")
@@ -93,9 +115,13 @@ def main():
     ap.add_argument("--tgt", type=int, default=128)
     ap.add_argument("--gen-batch", type=int, default=4)
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--eval-batch", type=int, default=16, help="the second beam row's inputs (0: no second row); "
+                    "it runs evaluate.py's max_new_tokens, 128")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--compile", action="store_true", help="also time our step under torch.compile (inductor)")
     args = ap.parse_args()
+    if max(args.gen_batch, args.eval_batch) > args.batch:
+        ap.error(f"--gen-batch and --eval-batch take their inputs from the --batch of {args.batch}: give at most that")
     import transformers
     torch.manual_seed(0)
     cfg = config_from_preset(args.preset, attn_impl="sdpa")
@@ -136,28 +162,16 @@ def main():
     ours.load_state_dict(initial), ours.eval()  # the training steps moved both models apart: the same weights again
     hf = load_hf().eval()
     shutil.rmtree(d)
-    gb, kw = args.gen_batch, dict(num_beams=5, num_return_sequences=5, max_new_tokens=args.new_tokens)
-    ids, mask = ids[:gb], mask[:gb]
-
-    def gen_ours():
-        return ours.generate(ids, mask, **kw)
-
-    def gen_hf():
-        with torch.no_grad():
-            return hf.generate(input_ids=ids, attention_mask=mask, do_sample=False, early_stopping=True,
-                               no_repeat_ngram_size=0, min_length=0, length_penalty=1.0, forced_bos_token_id=None, forced_eos_token_id=None,
-                               output_scores=True, return_dict_in_generate=True, **kw)
-    (so, sc_o), h = gen_ours(), gen_hf()
-    same_seq = so.shape == h.sequences.shape and torch.equal(so, h.sequences)
-    same_score = torch.allclose(sc_o, h.sequences_scores, atol=1e-5)
-    t_ours, t_hf = time_pair(gen_ours, gen_hf, 3)
-    n_ours, n_hf = (gb * 5 * (s.shape[1] - 1) for s in (so, h.sequences))
+    shapes = [(args.gen_batch, args.new_tokens)] + ([(args.eval_batch, 128)] if args.eval_batch else [])
+    beam_rows = [beam(ours, hf, ids[:gb], mask[:gb], n) for gb, n in shapes]
     print("| measure | ours | HF | ours / HF | goal |\n|---|---|---|---|---|")
     for what, t, ref in rows:
         print(f"| {what}: ms | {t * 1e3:.0f} | {ref * 1e3:.0f} | {t / ref:.2f}x time | <= 0.8x |")
-    print(f"| beam-5 generation, {gb} inputs, {args.new_tokens} new tokens: tokens/s | {n_ours / t_ours:.0f} | "
-          f"{n_hf / t_hf:.0f} | {(n_ours / t_ours) / (n_hf / t_hf):.2f}x throughput | >= 2x |")
-    print(f"\nsame beam-search sequences as HF: {same_seq}; same scores (1e-5): {same_score}")
+    for (gb, n), (ours_tps, hf_tps, _, _) in zip(shapes, beam_rows):
+        print(f"| beam-5 generation, {gb} inputs, {n} new tokens: tokens/s | {ours_tps:.0f} | {hf_tps:.0f} | "
+              f"{ours_tps / hf_tps:.2f}x throughput | >= 2x |")
+    print("\n" + "; ".join(f"{gb} x {n}: same beam-search sequences as HF: {seq}, same scores (1e-5): {score}"
+                            for (gb, n), (_, _, seq, score) in zip(shapes, beam_rows)))
     print("\nwhere our training step's time goes (fixed targets; torch.profiler, self CPU time of aten ops):")
     print("| part | share |\n|---|---|\n" + "\n".join(f"| {k} | {v:.1%} |" for k, v in shares.items()))
 
