@@ -148,13 +148,14 @@ def test_kv_cache_equals_full_forward(tmp_path):
     assert (torch.cat(steps, 1) - full).abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("beams,early_stopping,length_penalty", [(1, True, 1.0), (5, True, 1.0), (5, False, 1.0),
-                                                                  (5, "never", 2.0), (5, False, 0.5)])
-def test_generate_matches_hf(tmp_path, beams, early_stopping, length_penalty):
+@pytest.mark.parametrize("beams,early_stopping,length_penalty,eos_bias", [
+    (1, True, 1.0, 4.0), (5, True, 1.0, 4.0), (5, False, 1.0, 4.0), (5, "never", 2.0, 4.0), (5, False, 0.5, 4.0),
+    (5, False, 0.5, 1.0)])  # the last: 8 of its 10 steps finish no beam (generate skips their bookkeeping), 2 do
+def test_generate_matches_hf(tmp_path, beams, early_stopping, length_penalty, eos_bias):
     """Greedy and 5-beam search (5 returned) give HF generate's sequences and length-normalized scores, with each
     of HF's stopping rules (early_stopping True / False / "never") and length penalties: beams finish at different
     steps here (a bias on </s>), so the finished sets, the stopping test and the inputs leaving the batch all run."""
-    ours, hf = make_pair(tmp_path, eos_bias=4.0)
+    ours, hf = make_pair(tmp_path, eos_bias=eos_bias)
     ids, mask, _ = batch()
     seqs, scores = ours.generate(ids, mask, num_beams=beams, num_return_sequences=beams, max_new_tokens=10,
                                  early_stopping=early_stopping, length_penalty=length_penalty)
