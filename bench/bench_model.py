@@ -103,7 +103,7 @@ def beam(ours, hf, ids, mask, new_tokens):
     (so, sc_o), h = gen_ours(), gen_hf(output_scores=True)
     same_seq = so.shape == h.sequences.shape and torch.equal(so, h.sequences)
     same_score = torch.allclose(sc_o, h.sequences_scores, atol=1e-5)
-    t_ours, t_hf = time_pair(gen_ours, gen_hf, 3)
+    t_ours, t_hf = time_pair(gen_ours, gen_hf, 5)
     n_ours, n_hf = (ids.shape[0] * 5 * (s.shape[1] - 1) for s in (so, h.sequences))
     return n_ours / t_ours, n_hf / t_hf, same_seq, same_score
 
