@@ -15,7 +15,7 @@ CPU, `tiny` preset, fp32, both models in train mode (dropout 0.1) on the same we
      per-step costs weigh most) and evaluate.py's own (--eval-batch 16 inputs x 128 new tokens, what `make train`
      scores with).
 Each ratio is against its reference measured in the same run, the two timed in alternation; medians of --reps
-runs after a warm-up.
+runs (the training step) or of 5 (each beam shape) after a warm-up.
 """
 import argparse
 import os
