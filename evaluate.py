@@ -104,7 +104,11 @@ def model_metrics(rows, name, k=K):
     ntok = [r[name]["tokens"] for r in rows]
     ppl, ppl_mean = perplexity([r[name]["nll"] for r in rows], ntok)
     other, empty = (perplexity([r[name][f"nll_{s}"] for r in rows], ntok)[0] for s in ("other_source", "empty_source"))
-    return {"bleu4": bleu4(top1, refs), "perplexity": ppl, **topk_matches(preds, refs, k),
+    # unfinished@1: the share of top-1 outputs that ran to the length limit without </s> (a looping or cut test);
+    # None for predictions written before it was recorded
+    finished = [r[name].get("finished") for r in rows]
+    unfinished = None if None in finished else float(np.mean([not f[0] for f in finished]))
+    return {"bleu4": bleu4(top1, refs), "perplexity": ppl, **topk_matches(preds, refs, k), "unfinished@1": unfinished,
             "style_cosine": float(np.mean(cos)), "syntax_valid": syntax_valid(top1), "n": len(rows),
             "perplexity_mean_per_example": ppl_mean, "source_gain": other / ppl, "perplexity_other_source": other,
             "perplexity_empty_source": empty}
@@ -164,8 +168,12 @@ def score_model(model, tok, src, tgt, partner, k, beams, max_new_tokens, batch_s
     another focal class's source (partner) and with an empty source <s></s>."""
     t0, (own, other, empty) = time.time(), source_nll(model, src, tgt, [src[j] for j in partner], batch_size, device)
     beam = beam_search(model, src, k, beams, max_new_tokens, batch_size, device)
-    out = [{"predictions": tok.decode_batch(seqs), "scores": scores, "nll": s, "tokens": n, "nll_other_source": so,
-            "nll_empty_source": se} for (s, n), (so, _), (se, _), (seqs, scores) in zip(own, other, empty, beam)]
+    out = []
+    for (s, n), (so, _), (se, _), (seqs, scores) in zip(own, other, empty, beam):
+        # a beam that never wrote </s> ran to max_new_tokens: an unfinished test (seq[0] is the start token, </s>)
+        finished = [EOS in seq[1:] for seq in seqs]
+        out.append({"predictions": tok.decode_batch(seqs), "scores": scores, "finished": finished, "nll": s,
+                    "tokens": n, "nll_other_source": so, "nll_empty_source": se})
     print(f"{len(out)} examples scored in {time.time() - t0:.0f}s")
     return out
 
@@ -174,7 +182,13 @@ def score_run(run, limit=None, beams=5, max_new_tokens=None, batch_size=16, devi
     """Both models on the run's test fold -> predictions.jsonl, metrics.json; returns the metrics. The base's side
     comes from runs/.cache/ when this fold was scored with the same base, tokenizer and decoding before."""
     run, cfg, k = Path(run), runs.run_config(run), min(K, beams)
-    test = data.folds(data.load_project(cfg["corpus"]), cfg["fold"], cfg["k_folds"], cfg["seed"])[2][:limit]
+    runs.lock_run(run)  # not while train.py (or another evaluate.py) writes it
+    records = data.load_project(cfg["corpus"])
+    if cfg.get("corpus_checksum") and data.records_checksum(records) != cfg["corpus_checksum"]:
+        raise SystemExit(f"{cfg['corpus']} has changed since {run} was trained on it (corpus_checksum in "
+                         f"{run / 'config.json'}): its test fold may hold training examples now; train a new run "
+                         f"(another --name) on the corpus as it is")
+    test = data.folds(records, cfg["fold"], cfg["k_folds"], cfg["seed"])[2][:limit]
     max_new_tokens = max_new_tokens or cfg["max_tgt_len"]  # the test fold is train.py's, as are the lengths
     decoding = dict(num_beams=beams, num_return_sequences=k, max_new_tokens=max_new_tokens, length_penalty=1.0,
                     early_stopping=True, limit=limit, abstraction="single")
@@ -202,16 +216,17 @@ def score_run(run, limit=None, beams=5, max_new_tokens=None, batch_size=16, devi
 
 
 def print_summary(run, cfg, metrics, k):
-    log = data.read_jsonl(run / "log.jsonl") if (run / "log.jsonl").is_file() else []
+    log = runs.read_log(run / "log.jsonl") if (run / "log.jsonl").is_file() else []  # a line cut by a kill: dropped
     sup = [l for l in log if l.get("stage", "supervised") == "supervised"]
     pf = min(sup, key=lambda l: l["val_loss"])["pf_s_exact"] if sup else 0.0  # compute up to the kept checkpoint
     cols = ("exact@1", f"exact@{k}", "abstracted@1", f"abstracted@{k}")
-    print(f"\n| {run.name} | BLEU-4 | perplexity | " + " | ".join(cols) + " | source_gain | ppl other / empty source "
-          "| trainable | PF-s |\n" + "|---" * 11 + "|")
+    print(f"\n| {run.name} | BLEU-4 | perplexity | " + " | ".join(cols) + " | unfinished@1 | source_gain | "
+          "ppl other / empty source | trainable | PF-s |\n" + "|---" * 12 + "|")
     for name, m in metrics.items():
         cost = f"{cfg.get('trainable_parameters', 0):,} | {pf:.4f}" if name == "customized" else "- | -"
+        unfinished = "-" if m["unfinished@1"] is None else f"{100 * m['unfinished@1']:.1f}%"
         print(f"| {name} | {m['bleu4']:.1f} | {m['perplexity']:.3f} | " + " | ".join(f"{100 * m[c]:.1f}%" for c in cols)
-              + f" | {m['source_gain']:.3f} | {m['perplexity_other_source']:.2f} / {m['perplexity_empty_source']:.2f} | {cost} |")
+              + f" | {unfinished} | {m['source_gain']:.3f} | {m['perplexity_other_source']:.2f} / {m['perplexity_empty_source']:.2f} | {cost} |")
     print("source_gain: perplexity with another focal class's source / with the example's own; 1.000 = the model "
           "ignores its input" + ("  <-- THE BASE DOES NOT READ ITS INPUT" if metrics["base"]["source_gain"] < 1.05 else ""))
 
@@ -269,7 +284,7 @@ def report(root):
     for ax, key in zip(axes, ("pf_s_paper", "pf_s_exact")):
         for c in cols[1:]:
             curves = [xy for f in logs[c] if f.is_file() for xy in [np.array([(l[key], l["val_loss"])
-                      for l in data.read_jsonl(f) if l.get("val_loss") is not None]).T] if xy.size]
+                      for l in runs.read_log(f) if l.get("val_loss") is not None]).T] if xy.size]
             for x, y in curves:  # light: each project and fold
                 ax.plot(x, y, color=f"C{cols.index(c)}", alpha=0.3, lw=0.8)
             if curves:  # bold: the mean over the compute range that every run covers
@@ -288,11 +303,11 @@ def main(argv=None):
                                  "tests (evaluate.py generate: --run RUN --java FILE --method NAME, or --runs A,B "
                                  "--requests FILE --out FILE to serve many runs from one base)")
     for flag, kw in [("run", dict(nargs="?", help="a run folder, or `generate`")), ("--report", {}), ("--java", {}),
-                     ("--limit", dict(type=int)), ("--rescore", dict(action="store_true")), ("--method", {}),
-                     ("--beams", dict(type=int, default=5)), ("--max-new-tokens", dict(type=int)),
-                     ("--batch-size", dict(type=int, default=16)), ("--run", dict(dest="generate_run")),
+                     ("--limit", dict(type=data.positive_int)), ("--rescore", dict(action="store_true")), ("--method", {}),
+                     ("--beams", dict(type=data.positive_int, default=5)), ("--max-new-tokens", dict(type=data.positive_int)),
+                     ("--batch-size", dict(type=data.positive_int, default=16)), ("--run", dict(dest="generate_run")),
                      ("--runs", {}), ("--requests", {}), ("--out", {}),
-                     ("--k", dict(type=int, default=K)), ("--device", dict(default="cuda" if torch.cuda.is_available() else "cpu"))]:
+                     ("--k", dict(type=data.positive_int, default=K)), ("--device", dict(default="cuda" if torch.cuda.is_available() else "cpu"))]:
         ap.add_argument(flag, **kw)
     a = ap.parse_args(argv)
     if a.run == "generate" and (a.runs and a.requests and a.out or a.generate_run and a.java and a.method):

@@ -25,6 +25,8 @@ optimizer step. Two conventions:
 import argparse
 from collections import Counter
 
+from data import positive_int
+
 # The strategies' defaults, stated once here (flops.py needs no torch; strategies.py and train.py import them)
 SITES = ("encoder", "decoder", "cross")  # encoder self-attention, decoder self-attention, decoder cross-attention
 PREFIX_LEN = 200  # P, the paper's prefix length (§2.5)
@@ -174,10 +176,10 @@ def main():
     from model import config_from_preset  # only the CLI needs model.py
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[1])
     ap.add_argument("--model", default="bart-large")
-    ap.add_argument("--src", type=int, default=512, help="source tokens per example")
-    ap.add_argument("--tgt", type=int, default=128, help="target tokens per example")
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=1000, help="steps in one run, for PF-s per run")
+    ap.add_argument("--src", type=positive_int, default=512, help="source tokens per example")
+    ap.add_argument("--tgt", type=positive_int, default=128, help="target tokens per example")
+    ap.add_argument("--batch", type=positive_int, default=8)
+    ap.add_argument("--steps", type=positive_int, default=1000, help="steps in one run, for PF-s per run")
     a = ap.parse_args()
     c = config_from_preset(a.model)
     print(__doc__[__doc__.index("Convention"):])

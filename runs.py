@@ -21,6 +21,7 @@ file and a rename (data.atomic_write), except log.jsonl, appended a line at a ti
 import fcntl
 import hashlib
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -37,6 +38,53 @@ RECORDED = ("preset", "base_projects", "denoise_steps", "denoise_every", "max_st
 # train.py's loop at step 0 (its state in last.pt): data position per stream, tokens, FLOPs, early stopping, time
 FRESH = dict(step=0, epoch=0, batch=0, dn_epoch=0, dn_batch=0, dn_steps=0, tokens=0, flops_exact=0.0, flops_paper=0.0,
              best_val=float("inf"), best_step=-1, bad_evals=0, seconds=0.0)
+
+
+_HELD = {}  # run folder -> the open lock file of this process (the kernel drops the lock when the process ends)
+
+
+def lock_run(run):
+    """One writer per run folder: an exclusive flock on <run>/.lock for the rest of this process (train.py for the
+    whole training, evaluate.py while it scores). Another process holding it: one line naming its pid. A lock of a
+    process that died is no lock (flock is released with the process), so a kill -9 never leaves the run locked;
+    the temporary files such a kill left behind are removed once the lock is held."""
+    key = os.path.abspath(run)
+    if key in _HELD:
+        return
+    f = open(os.path.join(run, ".lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise SystemExit(f"{run} is in use by process {holder} (a train.py or evaluate.py on the same run); wait "
+                         f"for it to finish, or give this one another --name") from None
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    _HELD[key] = f
+    # the temporary files of a writer killed inside a save (data.atomic_write's .tmp-*): with the lock held, no
+    # other writer can own them
+    for name in os.listdir(run):
+        if name.startswith(".tmp-"):
+            os.remove(os.path.join(run, name))
+
+
+def check_save_base(path):
+    """--save_base, checked before a base trains for hours: not an existing file, and under a folder this process
+    can write (the nearest existing ancestor, where the missing folders will be made)."""
+    path = os.path.abspath(str(path))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise SystemExit(f"--save_base={path}: is a file; a base is saved as a folder: choose another path")
+    ancestor = os.path.dirname(path)
+    while not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        raise SystemExit(f"--save_base={path}: {ancestor} is a file, not a folder: choose another path")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise SystemExit(f"--save_base={path}: cannot write in {ancestor}: choose another path")
 
 
 def open_run(out_dir, name):
@@ -154,7 +202,8 @@ def log_evaluation(run, state, stage, train_loss, check, better):
     training loss, the validation's numbers (`check`, train.source_check) and the seconds so far; printed in short."""
     line = dict(step=state["step"], stage=stage, denoising_steps=state["dn_steps"], tokens=state["tokens"],
                 flops_exact=state["flops_exact"], flops_paper=state["flops_paper"],
-                pf_s_exact=state["flops_exact"] / 1e15, pf_s_paper=state["flops_paper"] / 1e15, train_loss=train_loss,
+                pf_s_exact=state["flops_exact"] / 1e15, pf_s_paper=state["flops_paper"] / 1e15,
+                train_loss=train_loss if math.isfinite(train_loss) else None,  # step 0: no step yet (strict JSON)
                 **check, seconds=round(state["seconds"], 2))
     with open(os.path.join(run, "log.jsonl"), "a") as f:
         f.write(json.dumps(line) + "\n")
@@ -246,13 +295,101 @@ def finish(run, model, state, reason):
         state["done"] = reason
 
 
-def save_base(model, cfg):
-    """The base checkpoint: the HF layout (model.save_pretrained), then training.json (tokenizer path relative to
-    the checkout, so the folder can move with it), said."""
-    model.save_pretrained(cfg["save_base"])
-    trained = {**{k: cfg[k] for k in CARRIED + RECORDED}, "tokenizer": os.path.relpath(cfg["tokenizer"], ROOT)}
-    data.atomic_write(os.path.join(cfg["save_base"], "training.json"), json.dumps(trained, indent=2))
-    print(f"base model saved to {cfg['save_base']}")
+def machine():
+    """The machine a base was trained on, for training.json: CPU model and cores (or the GPU), torch's version."""
+    cpu = "unknown CPU"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    out = dict(cpu=cpu, cores=torch.get_num_threads(), torch=torch.__version__)
+    if torch.cuda.is_available():
+        out["gpu"] = torch.cuda.get_device_name()
+    return out
+
+
+def sha256_file(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def export_base(model, out_dir, training, tokenizer_path, log_path):
+    """Write a self-contained base folder (docs/design.md, "Base checkpoint"): config.json and model.safetensors
+    with the weights rounded to bf16 (half the bytes; customization loads them back into fp32 master weights), the
+    tokenizer it was trained with, its log.jsonl, training.json (`training`, with the tokenizer named relative to
+    the folder) and SHA256SUMS over every other file, which the loader checks (weights.verify_sha256sums). Built in
+    a temporary folder next to out_dir and renamed into place: never half-written."""
+    import copy
+    import shutil
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".tmp-base-", dir=parent)
+    try:
+        folder = os.path.join(staging, "base")
+        copy.deepcopy(model).to(torch.bfloat16).save_pretrained(folder)
+        shutil.copyfile(tokenizer_path, os.path.join(folder, "tokenizer.json"))
+        shutil.copyfile(log_path, os.path.join(folder, "log.jsonl"))
+        training = {**training, "tokenizer": "tokenizer.json", "weights_dtype": "bf16"}
+        with open(os.path.join(folder, "training.json"), "w", encoding="utf-8") as f:
+            json.dump(training, f, indent=2, allow_nan=False)
+            f.write("\n")
+        names = sorted(os.listdir(folder))
+        sums = "".join(f"{sha256_file(os.path.join(folder, n))}  {n}\n" for n in names)
+        with open(os.path.join(folder, "SHA256SUMS"), "w", encoding="utf-8") as f:
+            f.write(sums)
+        if os.path.isdir(out_dir):
+            os.replace(out_dir, os.path.join(staging, "old"))
+        os.replace(folder, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def base_training_record(cfg, state, summary):
+    """training.json of a base trained here: what customization reads (CARRIED), the recipe (every setting), the
+    data, the dtype, the totals (steps, tokens, PF-s, time) and the machine, as one stage of `stages`."""
+    stage = dict(settings={k: v for k, v in cfg.items() if k not in ("save_base",)}, machine=machine(),
+                 steps=state["step"], denoising_steps=state["dn_steps"], tokens=state["tokens"],
+                 pf_s_exact=state["flops_exact"] / 1e15, pf_s_paper=state["flops_paper"] / 1e15,
+                 seconds=round(state["seconds"]), best_step=state["best_step"], best_val_loss=state["best_val"],
+                 stopped=state.get("done"), **summary)
+    totals = {k: stage[k] for k in ("steps", "tokens", "pf_s_exact", "pf_s_paper", "seconds")}
+    return {**{k: cfg[k] for k in CARRIED + RECORDED}, **totals, "stages": [stage]}
+
+
+def save_base(model, cfg, run, state, summary):
+    """The base checkpoint of a base trained here (export_base), said."""
+    training = base_training_record(cfg, state, summary)
+    export_base(model, cfg["save_base"], training, cfg["tokenizer"], os.path.join(run, "log.jsonl"))
+    print(f"base model saved to {cfg['save_base']} ({training['pf_s_exact']:.3f} PF-s exact, "
+          f"{training['steps']} steps)")
+
+
+def clamp_lengths(cfg, given, base):
+    """A base without training.json (an HF directory): lengths beyond its position table cannot be read. A default
+    length is cut to it (said); a length given on the command line beyond it is an error naming both."""
+    hf = os.path.join(str(base), "config.json")
+    if not os.path.isfile(hf):
+        return cfg
+    try:
+        limit = json.load(open(hf, encoding="utf-8")).get("max_position_embeddings")
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return cfg  # the loader names the broken file
+    if not isinstance(limit, int):
+        return cfg
+    for k in ("max_src_len", "max_tgt_len"):
+        if cfg[k] > limit:
+            if k in given:
+                raise SystemExit(f"--{k}={cfg[k]} is longer than the base's position table ({limit} positions, "
+                                 f"{hf}): give at most {limit}")
+            print(f"{k}: {cfg[k]} cut to {limit}, the base's max_position_embeddings ({hf})")
+            cfg[k] = limit
+    return cfg
 
 
 def base_settings(cfg, given, fallback):
@@ -261,16 +398,22 @@ def base_settings(cfg, given, fallback):
     the given values, else `fallback`. base_checksum: the base's checksum (a resume onto another base is refused)."""
     path = os.path.join(str(cfg["base"]), "training.json")
     if not os.path.isfile(path):
-        return {**cfg, **{k: cfg[k] or fallback[k] for k in CARRIED}, "base_checksum": checksum(cfg["base"])}
+        out = {**cfg, **{k: cfg[k] or fallback[k] for k in CARRIED}, "base_checksum": checksum(cfg["base"])}
+        return clamp_lengths(out, given, cfg["base"])
     try:
         trained = json.load(open(path))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise SystemExit(f"{path}: not valid JSON ({e}); retrain the base with `make base`") from None
     if missing := [k for k in CARRIED if k not in trained]:
         raise SystemExit(f"{path}: lacks {', '.join(missing)}; retrain the base with `make base`")
-    trained["tokenizer"] = os.path.join(ROOT, trained["tokenizer"])
-    same = lambda k: (os.path.abspath(cfg[k]) == os.path.abspath(trained[k]) if k == "tokenizer"
-                      else cfg[k] == trained[k])
+    # the tokenizer: beside the base (a folder of export_base), else a path relative to the checkout (older bases)
+    beside = os.path.join(str(cfg["base"]), trained["tokenizer"])
+    trained["tokenizer"] = beside if os.path.isfile(beside) else os.path.join(ROOT, trained["tokenizer"])
+    def same(k):  # a tokenizer is the same one when its file holds the same bytes (a base folder keeps a copy)
+        if k == "tokenizer":
+            return os.path.isfile(cfg[k]) and sha256_file(cfg[k]) == sha256_file(trained[k])
+        return cfg[k] == trained[k]
+
     for k in CARRIED:
         if k in given and not same(k):
             raise SystemExit(f"--{k}={cfg[k]} differs from the base's {k}={trained[k]} ({path}): a base is "
@@ -313,7 +456,12 @@ def check_predictions(rows, path, expected_ids=()):
 
 
 def load_models(run, cfg, vocab_size, device="cpu"):
-    """The base, and base + strategy + the run's delta (strategies.py). sdpa: math's numbers, 25% faster on CPU."""
+    """The base, and base + strategy + the run's delta (strategies.py). sdpa: math's numbers, 25% faster on CPU.
+    A base that is not the one the run was trained on (its checksum in config.json) is refused by name."""
+    saved = cfg.get("base_checksum")
+    if saved and checksum(cfg["base"]) != saved:
+        raise SystemExit(f"{cfg['base']} is not the base {run} was trained on (its checksum differs from the "
+                         f"base_checksum in {Path(run) / 'config.json'}): restore that base, or retrain the run")
     base, cust = (BART.from_pretrained(cfg["base"], "sdpa", expect_vocab_size=vocab_size) for _ in range(2))
     options = {k: v for k, v in cfg.get("strategy_options", {}).items() if k != "init_ids"}  # the delta overwrites it
     strategies.apply(cust, cfg["strategy"], **options)

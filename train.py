@@ -3,7 +3,7 @@ The training loop, flat and top to bottom (paper §3 and RQ3): the base model (t
 was never released) and the customization of a base model to one project with one strategy (§2.2-2.6), trained
 "until the best validation loss is reached", with the compute of every step accounted in PF-s (§3.4, Figure 4).
 
-    make base                                    # tiny preset: denoising stage, then pairs -> checkpoints/base
+    make base                                    # the shipped base's recipe, from scratch -> checkpoints/base-new
     make train STRATEGY=lldb [PROJECT=commons-io] [FOLD=0]      # customize, then score with evaluate.py
     python train.py --mode=customize --strategy=prefix --project=commons-io --fold=1 --lr=1e-3
     torchrun --nproc_per_node=2 train.py --mode=base             # data parallel (base training)
@@ -21,6 +21,7 @@ base checkpoint carries training.json, what it learned with, which customization
 import functools
 import math
 import os
+import re
 import sys
 import time
 
@@ -78,6 +79,8 @@ settings = dict(
     encoder_delay=0,  # steps before the encoder's own tensors train (then they warm up): see encoder_lr
     denoise_batch_size=0,  # denoising: windows per batch (0 = batch_size; short windows: more of them)
     denoise_window=0,  # denoising: tokens per window (0 = as long as the model's sources and targets allow)
+    denoise_text="pairs",  # denoising: "pairs" (the focal methods and tests) or "all" (every .java file of the base)
+    denoise_chars=60_000_000,  # denoising text "all": at most this many characters of Java (data/denoise.py)
     mask_ratio=0.3,  # denoising: share of tokens masked, in spans of Poisson(poisson_lambda) length (BART §2.2)
     poisson_lambda=3.0,
     word_dropout=0.0,  # pairs: share of the decoder's input tokens replaced by <mask> (data/denoise.word_dropout)
@@ -86,16 +89,55 @@ settings = dict(
     eval_interval=25,  # steps between validation losses (each writes a log line and the resume state)
     patience=6,  # early stopping: evaluations without a better validation loss (supervised stage only)
     device="auto",
+    # fp32 | bf16 | auto. bf16: autocast runs the matmuls in bf16, the weights and AdamW's state stay fp32.
+    # auto = bf16 where the hardware multiplies bf16 natively (a GPU; a CPU with AVX512-BF16 or AMX), else fp32
+    dtype="auto",
 )
 LR = {"base": 1e-3, "custom": 2e-4, "leo": 1e-3, "lldb": 1e-3, "prefix": 3e-3, "lora": 2e-3}  # from a small sweep
 # --mode=base: these replace the defaults above (any of them given on the command line wins): the recipe of the
-# README's "The base model" section, measured on 2 CPU cores
+# shipped base, checkpoints/base/ (its training.json records the run; docs/experiments.md, "The shipped base")
 BASE_DEFAULTS = dict(tokenizer="data/cache/tokenizer.json", focal_context="fm_fc", max_src_len=128, max_tgt_len=128,
-                     denoise_steps=400, denoise_every=4, denoise_window=32, denoise_batch_size=48, encoder_delay=100,
-                     max_steps=1400, warmup_steps=100, eval_interval=100, patience=6)
+                     preset="small", lr=5e-4, warmup_steps=200, denoise_text="all", denoise_steps=1000,
+                     denoise_every=4, denoise_window=32, denoise_batch_size=48, encoder_delay=100, max_steps=4400,
+                     eval_interval=250, patience=20)
 # a base without training.json (real BART or AthenaTest weights): what AthenaTest read
 FOREIGN_BASE = dict(tokenizer=BASE_DEFAULTS["tokenizer"], focal_context="fm_fc_ms_ff", max_src_len=1024,
                     max_tgt_len=1024)
+# every numeric setting's range, checked when the settings are parsed (before any data is read or file written):
+# setting -> (the rule, as the error says it, the test)
+BOUNDS = {
+    "fold": ("an integer >= 0 and < k_folds", lambda v, c: 0 <= v < c["k_folds"]),
+    "k_folds": ("an integer >= 2", lambda v, c: v >= 2),
+    "seed": ("an integer >= 0", lambda v, c: v >= 0),
+    "max_src_len": ("0 (the base's) or an integer >= 4", lambda v, c: v == 0 or v >= 4),
+    "max_tgt_len": ("0 (the base's) or an integer >= 4", lambda v, c: v == 0 or v >= 4),
+    "prefix_len": ("an integer >= 1", lambda v, c: v >= 1),
+    "prefix_mlp": ("an integer >= 0", lambda v, c: v >= 0),
+    "lora_rank": ("an integer >= 1", lambda v, c: v >= 1),
+    "batch_size": ("an integer >= 1", lambda v, c: v >= 1),
+    "grad_accum": ("an integer >= 1", lambda v, c: v >= 1),
+    "lr": ("0 (the strategy's default) or a number > 0", lambda v, c: v >= 0),
+    "min_lr_ratio": ("a number in [0, 1]", lambda v, c: 0 <= v <= 1),
+    "warmup_steps": ("an integer >= 1", lambda v, c: v >= 1),
+    "weight_decay": ("a number >= 0", lambda v, c: v >= 0),
+    "beta2": ("a number in (0, 1)", lambda v, c: 0 < v < 1),
+    "grad_clip": ("a number > 0 (the largest gradient norm)", lambda v, c: v > 0),
+    "dropout": ("a number in [0, 1)", lambda v, c: 0 <= v < 1),
+    "attention_dropout": ("a number in [0, 1)", lambda v, c: 0 <= v < 1),
+    "denoise_steps": ("an integer >= 0", lambda v, c: v >= 0),
+    "denoise_every": ("an integer >= 0", lambda v, c: v >= 0),
+    "encoder_delay": ("an integer >= 0", lambda v, c: v >= 0),
+    "denoise_batch_size": ("an integer >= 0", lambda v, c: v >= 0),
+    "denoise_window": ("0 (as long as the lengths allow) or an integer >= 4", lambda v, c: v == 0 or v >= 4),
+    "denoise_chars": ("an integer >= 1", lambda v, c: v >= 1),
+    "mask_ratio": ("a number in (0, 1)", lambda v, c: 0 < v < 1),
+    "poisson_lambda": ("a number > 0", lambda v, c: v > 0),
+    "word_dropout": ("a number in [0, 1]", lambda v, c: 0 <= v <= 1),
+    "max_steps": ("an integer >= 1", lambda v, c: v >= 1),
+    "max_minutes": ("a number >= 0 (0: no limit)", lambda v, c: v >= 0),
+    "eval_interval": ("an integer >= 1", lambda v, c: v >= 1),
+    "patience": ("an integer >= 1", lambda v, c: v >= 1),
+}
 RESUMABLE = ("max_steps", "max_minutes", "patience", "eval_interval", "device")  # may change when a run resumes
 
 
@@ -111,6 +153,13 @@ def parse_args(argv, defaults):
         raise SystemExit(f"focal_context must be one of {', '.join(data.FOCAL_CONTEXTS)}, got {cfg['focal_context']!r}")
     if cfg["mode"] == "customize" and (cfg["denoise_steps"] or cfg["denoise_every"]):
         raise SystemExit("denoising is part of the base (--mode=base); a customization is supervised only")
+    for key, (rule, ok) in BOUNDS.items():
+        if not ok(cfg[key], cfg):
+            raise SystemExit(f"--{key}={cfg[key]}: must be {rule}")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg["device"]):
+        raise SystemExit(f"--device={cfg['device']}: must be auto, cpu, cuda or cuda:N")
+    if cfg["dtype"] not in ("auto", "fp32", "bf16"):
+        raise SystemExit(f"dtype must be fp32, bf16 or auto, got {cfg['dtype']!r}")
     if cfg["attn_impl"] == "triton" and cfg["attention_dropout"] > 0:
         raise SystemExit(f"attn_impl=triton has no attention dropout but attention_dropout={cfg['attention_dropout']}:"
                          f" set --attention_dropout=0 or --attn_impl=sdpa")
@@ -193,6 +242,44 @@ def source_check(model, val, cfg, device, autocast, n_gain=128, n_spread=8):
                 source_gain=math.exp(mean(sides[1]) - mean(sides[0])), encoder_spread=spread)
 
 
+def native_bf16(cuda):
+    """Does this machine multiply bf16 natively? A GPU does; a CPU does if it has AVX512-BF16 or AMX-BF16 (Linux
+    lists them in /proc/cpuinfo). Elsewhere PyTorch emulates bf16 matmuls, slower than fp32."""
+    if cuda:
+        return True
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def pick_dtype(cfg, cuda):
+    """The run's compute dtype: --dtype, with auto resolved by native_bf16."""
+    if cfg["dtype"] == "auto":
+        return "bf16" if native_bf16(cuda) else "fp32"
+    return cfg["dtype"]
+
+
+def measure_peak(device, dtype, n=2048, reps=5):
+    """This machine's matmul peak in FLOP/s: the best of `reps` timings of an n x n x n matmul in `dtype`, measured
+    (not taken from a data sheet) so that MFU reads against what this CPU or GPU really does."""
+    torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+    a = torch.randn(n, n, device=device, dtype=torch_dtype)
+    b = torch.randn(n, n, device=device, dtype=torch_dtype)
+    sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
+    for _ in range(2):  # warm-up (thread pool, AMX tile set-up, cuBLAS heuristics)
+        a @ b
+    best = float("inf")
+    for _ in range(reps):
+        sync()
+        t = time.perf_counter()
+        a @ b
+        sync()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best  # a multiply-add is 2 FLOPs (flops.py's convention)
+
+
 def stage_of(step, cfg):
     """(stage, first step of the stage, steps in the stage): denoising for the first denoise_steps, then pairs."""
     D = cfg["denoise_steps"]
@@ -215,6 +302,8 @@ def get_lr(step, cfg, encoder=False):
 
 def main(argv):
     cfg, given = parse_args(argv, settings)
+    if cfg["mode"] == "base":
+        runs.check_save_base(cfg["save_base"])  # now, not after hours of training
     if cfg["mode"] == "customize":  # what the base learned with, and its checksum (a resume onto another is refused)
         cfg = runs.base_settings(cfg, given, FOREIGN_BASE)
     ddp, rank, world, cuda, device, attn_impl = runs.resolve(cfg)  # torchrun: data parallel (base training)
@@ -224,6 +313,12 @@ def main(argv):
     # data: records -> splits -> token ids, in the focal context the base reads (src_<focal_context>)
     tok, key, base = load_tokenizer(cfg["tokenizer"]), f"src_{cfg['focal_context']}", cfg["mode"] == "base"
     records = data.load_projects(cfg["base_projects"].replace(",", " ").split() if base else [cfg["project"]])
+    lacking = next((r for r in records if key not in r), None)
+    if lacking is not None:
+        raise SystemExit(f"record {lacking.get('id')!r} of {lacking.get('project')!r} has no {key!r}, the focal context "
+                         f"the base reads ({cfg['focal_context']}): mine the corpus again with `python -m data.mine`")
+    # the run is bound to these records: a resume (or a scoring) on a rewritten corpus is refused by name
+    cfg["corpus_checksum"] = data.records_checksum(records)
     # the base has no test fold: 5% of its test classes validate
     train_r, val_r, test_r = ((*data.holdout(records, seed=cfg["seed"]), []) if base else
                               data.folds(records, cfg["fold"], cfg["k_folds"], cfg["seed"]))
@@ -238,15 +333,24 @@ def main(argv):
     if denoising := cfg["denoise_steps"] or cfg["denoise_every"]:  # text: the training records' Java, never the val's
         noise = dict(ratio=cfg["mask_ratio"], poisson_lambda=cfg["poisson_lambda"])
         width = cfg["denoise_window"] or min(cfg["max_src_len"], cfg["max_tgt_len"]) - 2
-        dn_windows, dn_val = denoise.stage(tok, train_r, val_r, cfg["focal_context"], width, cfg["seed"], **noise)
+        dn_windows, dn_val = denoise.stage(tok, train_r, val_r, cfg["focal_context"], width, cfg["seed"],
+                                           text=cfg["denoise_text"], max_chars=cfg["denoise_chars"], **noise)
         noised = functools.lru_cache(1)(  # each epoch's noise on every window, seeded by the epoch: resumable
             lambda epoch: denoise.noised_pairs(tok, dn_windows, cfg["seed"], epoch, **noise))
         streams[True] = (noised, "dn_epoch", "dn_batch", cfg["denoise_batch_size"] or cfg["batch_size"])
 
     run = runs.open_run(cfg["out_dir"], cfg["name"])  # after the data: a bad input leaves no empty run folder
+    if master:
+        runs.lock_run(run)  # one writer per run folder
 
     # model: from scratch (base) or the base checkpoint + a strategy (customize)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+    dtype = pick_dtype(cfg, cuda)
+    autocast = torch.autocast("cuda" if cuda else "cpu", dtype=torch.bfloat16, enabled=dtype == "bf16")
+    peak = measure_peak(device, dtype)  # MFU's denominator: this machine, this dtype
+    if master:
+        why = "native on this machine" if native_bf16(cuda) else "emulated on this CPU: slower than fp32"
+        print(f"dtype: {dtype}" + (f" autocast, fp32 master weights ({why})" if dtype == "bf16" else "")
+              + f"; measured {dtype} matmul peak {peak / 1e12:.3f} TFLOP/s (2048^3)")
     model = (BART(config_from_preset(cfg["preset"], vocab_size=tok.get_vocab_size(), attn_impl=attn_impl)) if base
              else BART.from_pretrained(cfg["base"], attn_impl=attn_impl, expect_vocab_size=tok.get_vocab_size()))
     if master and not base and model.config.attention_dropout != cfg["attention_dropout"]:
@@ -274,7 +378,7 @@ def main(argv):
     state = runs.resume(run, cfg, RESUMABLE, model, optimizer, rank, world, device)  # a fresh start if no last.pt
     if master:
         runs.write_config(run, {**cfg, "strategy_options": options, "corpus": cfg["project"],
-                                "resolved": dict(device=device, attn_impl=attn_impl),
+                                "resolved": dict(device=device, attn_impl=attn_impl, dtype=dtype),
                                 "trainable_parameters": sum(p.numel() for p in params),
                                 "total_parameters": model.num_parameters(), "truncated_training_pairs": n_trunc,
                                 "splits": dict(train=len(train_r), val=len(val_r), test=len(test_r))},
@@ -347,6 +451,7 @@ def main(argv):
         if master and (state["step"] % 5 == 0 or state["step"] == 1):
             print(f"step {state['step']:5d} | {'denoise' if noising else stage} | loss {step_loss:.4f} | lr {lr:.2e} | "
                   f"{dt * 1e3:.0f} ms | {float(done[0]) / dt:.0f} tok/s | {float(done[1]) / dt / 1e12:.3f} TFLOP/s | "
+                  f"MFU {float(done[1]) / dt / (peak * world):.1%} | "
                   f"{state['flops_exact'] / 1e15:.4f} PF-s | "
                   f"eta <= {(cfg['max_steps'] - state['step']) * dt / 60:.1f} min")
         out_of_time = cfg["max_minutes"] > 0 and time.time() - t0 > cfg["max_minutes"] * 60
@@ -368,7 +473,10 @@ def main(argv):
               f"{state['flops_exact'] / 1e15:.4f} PF-s (exact), {state['flops_paper'] / 1e15:.4f} PF-s (paper); "
               f"{time.time() - t0:.0f} s")
         if base:
-            runs.save_base(model, cfg)
+            summary = dict(training_pairs=len(train_r), validation_pairs=len(val_r),
+                           denoising_windows=len(dn_windows) if denoising else 0,
+                           denoising_tokens=sum(map(len, dn_windows)) if denoising else 0)
+            runs.save_base(model, {**cfg, "dtype": dtype}, run, state, summary)
     if ddp:
         torch.distributed.destroy_process_group()
     return model

@@ -10,6 +10,7 @@ Pickles are read with weights_only=True; nothing but argparse.Namespace is allow
 Tests: tests/test_model.py (directories written by either side load in the other; fairseq layouts; refusals).
 """
 import argparse
+import hashlib
 import json
 import os
 from dataclasses import fields
@@ -38,7 +39,35 @@ def _config_from_tensors(sd, path, **known):
     return BARTConfig(**{k: v for k, v in {**known, **shapes}.items() if k in allowed and v is not None})
 
 
+def verify_sha256sums(path):
+    """A checkpoint folder that carries SHA256SUMS (the shipped base does; `sha256sum -c SHA256SUMS` checks it by
+    hand): every file it lists must be there with that sha256. A mismatch is an error naming the file."""
+    sums = os.path.join(path, "SHA256SUMS")
+    if not os.path.isfile(sums):
+        return
+    for n, line in enumerate(open(sums, encoding="utf-8").read().splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.split(maxsplit=1)
+        if len(parts) != 2:
+            raise ValueError(f"{sums}:{n}: not a line of sha256sum's format ('<sha256>  <file>')")
+        want, name = parts[0], parts[1].strip().lstrip("*")
+        f = os.path.join(path, name)
+        if not os.path.isfile(f):
+            raise FileNotFoundError(f"{f}: listed in {sums} but missing; restore the folder (for the shipped base: "
+                                    f"`git checkout -- {path}`)")
+        h = hashlib.sha256()
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+        if h.hexdigest() != want:
+            raise ValueError(f"{f}: sha256 {h.hexdigest()[:16]}... is not the {want[:16]}... that {sums} records: "
+                             f"the file was changed or cut short; restore it (for the shipped base: `git checkout -- "
+                             f"{path}`) or retrain with `make base`")
+
+
 def read_hf_dir(path):
+    verify_sha256sums(path)
     cfg_file = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_file):
         raise ValueError(f"{path}: not a checkpoint: an HF directory needs config.json (and model.safetensors "

@@ -41,6 +41,10 @@ def atomic_write(path, content):
             Path(tmp).write_text(content, encoding="utf-8")
         else:
             content(tmp)
+        # mkstemp makes the file 0600; the file a plain open() would have made follows the umask
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -80,9 +84,16 @@ def load_project(name_or_path):
         hint = f"make data PROJECT={name_or_path}" if p.is_dir() else f"python -m data.fetch {name_or_path}"
         raise FileNotFoundError(f"project {name_or_path!r} has no mined corpus at {path}; run `{hint}` first")
     records = read_jsonl(path)
-    if records and not all(isinstance(r, dict) and "tgt" in r and any(k.startswith("src") for k in r) for r in records):
-        raise ValueError(f"{path}: not a corpus of records (each line a JSON object with a source and tgt): mine one with "
-                         f"`python -m data.mine DIR --out {path.name}`")
+    for n, r in enumerate(records, 1):
+        if not (isinstance(r, dict) and "tgt" in r and any(k.startswith("src") for k in r)):
+            raise ValueError(f"{path}:{n}: not a record (a JSON object with a source and tgt): mine the corpus with "
+                             f"`python -m data.mine DIR --out {path.name}`")
+        bad = [k for k, v in r.items() if (k == "tgt" or k.startswith("src")) and not isinstance(v, str)]
+        missing = [k for k in ("id", "project") if k not in r]
+        if bad or missing:
+            what = f"{', '.join(bad)} not text" if bad else f"no {', '.join(missing)}"
+            raise ValueError(f"{path}:{n}: a record with {what}: mine the corpus again with "
+                             f"`python -m data.mine DIR --out {path.name}`")
     return records
 
 
@@ -106,6 +117,26 @@ def cli(main, *args):
         if os.environ.get("DEBUG"):
             raise
         raise SystemExit(f"error: {e.args[0] if isinstance(e, KeyError) and e.args else e}") from None
+
+
+def positive_int(text):
+    """argparse type: an integer >= 1 (a count, a length, a size); anything else is argparse's one-line error."""
+    import argparse
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return value
+
+
+def records_checksum(records):
+    """sha256 of the records' content (key order aside): what binds a run to the corpus it split into folds."""
+    h = hashlib.sha256()
+    for r in records:
+        h.update(json.dumps(r, sort_keys=True, ensure_ascii=False).encode("utf-8") + b"\n")
+    return h.hexdigest()
 
 
 def load_projects(names):

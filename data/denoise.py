@@ -14,10 +14,17 @@ decoder has a language model of tests to fall back on.
 Our choices, where the BART paper leaves them open: the last span is cut so exactly round(0.3 n) tokens are
 masked; spans never touch (each sits in its own gap between unmasked tokens), so every <mask> is one span; no
 random-token replacement and no sentence permutation (fairseq's bart.large used both; code has no sentences).
-The text is Java of the BASE projects only (never a target project's): their focal methods in the base's focal
-context and their test methods, each distinct string once, cut into windows that fit the model.
+The text is Java of the BASE projects only (never a target project's), cut into windows that fit the model:
+  - "pairs": their focal methods in the base's focal context and their test methods, each distinct string once;
+  - "all": every .java file of their source trees (data/cache/src/<project>/, as data.fetch unpacked them), the
+    licence header before `package` dropped and whitespace collapsed as the records' is, except the files of the
+    test classes held out for the base's validation; in a seeded hash order of the files, up to `max_chars`
+    characters (far more Java than a base's budget reads: the cap keeps the token lists in memory small).
 """
 import argparse
+import hashlib
+import re
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -80,6 +87,36 @@ def texts(records, focal_context):
     return list(seen)
 
 
+def java_files(projects, exclude, max_chars, seed=0, src_root=None):
+    """The "all" corpus: whitespace-collapsed text of the projects' .java files, in a seeded hash order, up to
+    max_chars characters in all. exclude: {(project, path relative to the project's folder)} left out (the
+    validation test classes). A project without a source tree is an error naming it and the command that makes it."""
+    if src_root is None:
+        from data import CACHE
+        src_root = CACHE / "src"
+    files = []
+    for project in projects:
+        root = Path(src_root) / project
+        if not root.is_dir():
+            raise FileNotFoundError(f"project {project!r} has no source tree at {root}; run `python -m data.fetch "
+                                    f"{project}` (or --denoise_text=pairs, which needs only the mined pairs)")
+        for path in sorted(root.rglob("*.java")):
+            rel = path.relative_to(root).as_posix()
+            if (project, rel) not in exclude:
+                files.append((project, rel, path))
+    key = lambda f: hashlib.sha256(f"{seed}:{f[0]}:{f[1]}".encode()).hexdigest()
+    out, total = [], 0
+    for _, _, path in sorted(files, key=key):
+        text = path.read_text(encoding="utf-8", errors="replace")
+        start = re.search(r"^\s*(package|import)\s", text, re.M)  # drop the licence header above the code
+        text = " ".join(text[start.start() if start else 0:].split())
+        if total + len(text) > max_chars:
+            continue
+        out.append(text)
+        total += len(text)
+    return out
+
+
 def windows(tok, strings, length):
     """Token windows of at most `length` ids (no specials): a long string gives several, in order."""
     out = []
@@ -97,14 +134,25 @@ def noised_pairs(tok, windows_, seed, epoch, ratio=0.3, poisson_lambda=3.0):
     return src, [[BOS] + w + [EOS] for w in windows_]
 
 
-def stage(tok, train_records, val_records, focal_context, width, seed, n_val=256, **noise):
-    """The denoising stage's data: the windows of the training records (noised afresh every epoch with
-    noised_pairs) and a fixed validation set, one noising of (at most) n_val windows of the validation records, as
-    (sources, targets, partners) for train.source_check: each window's partner is the one half-way round."""
+def stage(tok, train_records, val_records, focal_context, width, seed, n_val=256, text="pairs",
+          max_chars=0, **noise):
+    """The denoising stage's data: the training windows (noised afresh every epoch with noised_pairs) and a fixed
+    validation set, one noising of (at most) n_val windows of the validation records, as (sources, targets,
+    partners) for train.source_check: each window's partner is the one half-way round. text: "pairs" (the training
+    records' focal methods and tests) or "all" (every .java file of the training records' projects but the
+    validation test classes, up to max_chars characters; see the module's docstring)."""
     val_windows = windows(tok, texts(val_records, focal_context), width)[:n_val]
     src, tgt = noised_pairs(tok, val_windows, seed, -1, **noise)
-    return windows(tok, texts(train_records, focal_context), width), (src, tgt, [(i + len(src) // 2) % len(src)
-                                                                               for i in range(len(src))])
+    partners = [(i + len(src) // 2) % len(src) for i in range(len(src))]
+    if text == "pairs":
+        strings = texts(train_records, focal_context)
+    elif text == "all":
+        projects = sorted({r["project"] for r in train_records})
+        exclude = {(r["project"], r["test_class"]["file"]) for r in val_records}
+        strings = java_files(projects, exclude, max_chars, seed)
+    else:
+        raise ValueError(f"denoise_text must be 'pairs' or 'all', got {text!r}")
+    return windows(tok, strings, width), (src, tgt, partners)
 
 
 def main():

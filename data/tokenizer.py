@@ -97,11 +97,11 @@ def corpus_texts(records):
 
 
 def main():
-    from data import DEFAULT_BASE, load_projects, read_projects
+    from data import DEFAULT_BASE, load_projects, positive_int, read_projects
     ap = argparse.ArgumentParser(description="Train the byte-level BPE tokenizer on base projects.")
     ap.add_argument("--out", default="data/cache/tokenizer.json")
-    ap.add_argument("--vocab-size", type=int, default=8192)
-    ap.add_argument("--min-frequency", type=int, default=2)
+    ap.add_argument("--vocab-size", type=positive_int, default=8192)
+    ap.add_argument("--min-frequency", type=positive_int, default=2)
     ap.add_argument("--projects", nargs="*", default=DEFAULT_BASE, help="base projects (default: all of them)")
     ap.add_argument("--all-base", action="store_true", help="every base project of data/projects.tsv")
     args = ap.parse_args()

@@ -204,7 +204,7 @@ def test_score_run_rescore_report_and_generate(tmp_path, capsys):
     metrics = ev.score_run(run, limit=4, beams=3, max_new_tokens=6, batch_size=3)
     keys = {"bleu4", "perplexity", *(f"{k}@{j}" for k in ("exact", "abstracted") for j in range(1, 4)),  # 3 beams
             "style_cosine", "syntax_valid", "n", "perplexity_mean_per_example", "source_gain",
-            "perplexity_other_source", "perplexity_empty_source"}
+            "perplexity_other_source", "perplexity_empty_source", "unfinished@1"}
     saved = json.loads((run / "metrics.json").read_text())
     assert set(saved) == {"base", "customized", "decoding"} and set(saved["base"]) == keys == set(saved["customized"])
     assert saved["decoding"]["num_beams"] == 3 and saved["base"]["n"] == 4 and saved["base"] != saved["customized"]
@@ -217,6 +217,11 @@ def test_score_run_rescore_report_and_generate(tmp_path, capsys):
     assert json.loads((run / "metrics.json").read_text()) == saved
     rows = data.read_jsonl(run / "predictions.jsonl")
     assert len(rows) == 4 and all(len(r[m]["predictions"]) == 3 == len(r[m]["scores"]) for r in rows for m in ev.MODELS)
+    # unfinished@1, by hand: the top-1 beams that never wrote </s> in their 6 tokens
+    for m in ev.MODELS:
+        assert saved[m]["unfinished@1"] == sum(not r[m]["finished"][0] for r in rows) / 4
+    hand = [{"reference": "a", "base": {**rows[0]["base"], "finished": f}} for f in ([True], [False], [False], [True])]
+    assert ev.model_metrics(hand, "base", k=1)["unfinished@1"] == 0.5
     ev.main([str(run), "--rescore", "--limit", "4", "--beams", "3"])  # the same numbers from predictions.jsonl
     assert {m: json.loads((run / "metrics.json").read_text())[m] for m in ev.MODELS} == metrics
     capsys.readouterr()
@@ -235,3 +240,13 @@ def test_score_run_rescore_report_and_generate(tmp_path, capsys):
     ev.main(["generate", "--run", str(run), "--java", str(tmp_path / "Foo.java"), "--method", "m3", "--k", "2",
              "--beams", "2", "--max-new-tokens", "5"])
     assert "// 1: score " in capsys.readouterr().out
+    # a log.jsonl whose last line a kill cut short: scoring and the report drop that line, as a resume does
+    with open(run / "log.jsonl", "a") as f:
+        f.write('{"step": 6, "val_lo')
+    ev.main([str(run), "--rescore", "--limit", "4", "--beams", "3"])
+    ev.report(tmp_path / "runs")
+    assert "dropping a partial last line" in capsys.readouterr().out
+    # a base that is not the one the run was trained on (config.json's base_checksum) is refused by name
+    (run / "config.json").write_text(json.dumps({**cfg, "base_checksum": "0" * 64}))
+    with pytest.raises(SystemExit, match=r"is not the base .* was trained on"):
+        ev.score_run(run, limit=4, beams=3, max_new_tokens=6, batch_size=3)

@@ -77,6 +77,107 @@ def test_bad_input_fails_clearly(workspace, tmp_path):
         train.main(args(d, name="x", out_dir=tmp_path / "afile" / "runs"))
 
 
+@pytest.mark.parametrize("setting, value", [
+    ("grad_clip", "-1"), ("grad_clip", "0"), ("min_lr_ratio", "-5"), ("max_src_len", "-1"), ("max_tgt_len", "2"),
+    ("max_steps", "-5"), ("patience", "0"), ("eval_interval", "0"), ("grad_accum", "0"), ("batch_size", "0"),
+    ("prefix_len", "0"), ("mask_ratio", "2"), ("dropout", "1"), ("lr", "-1e-3"), ("k_folds", "1"), ("fold", "4"),
+    ("warmup_steps", "0"), ("beta2", "1"), ("device", "nope")])
+def test_out_of_range_settings_are_refused_before_any_work(workspace, tmp_path, setting, value):
+    """A setting outside its range (train.BOUNDS) is one line naming it and its rule, before the data is read:
+    no run folder is made."""
+    d, _ = workspace
+    with pytest.raises(SystemExit, match=rf"^--{setting}=\S+: must be "):
+        train.main(args(d, name="bad", out_dir=tmp_path / "runs", **{setting: value}))
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_run_is_bound_to_its_corpus(workspace, tmp_path):
+    """The corpus rewritten at the same path (one test changed): resuming the run and scoring it are refused by
+    name, since its folds may now put training examples in the test fold."""
+    import evaluate
+    d, _ = workspace
+    corpus = tmp_path / "demo.jsonl"
+    lines = (d / "demo.jsonl").read_text().splitlines()
+    corpus.write_text("\n".join(lines) + "\n")
+    kw = dict(name="bound", project=corpus, out_dir=tmp_path / "runs", strategy="lldb", max_steps=3, eval_interval=3)
+    train.main(args(d, **kw))
+    record = json.loads(lines[0])
+    record["tgt"] = record["tgt"].replace("assertEquals", "assertSame")
+    corpus.write_text("\n".join([json.dumps(record)] + lines[1:]) + "\n")
+    with pytest.raises(SystemExit, match=r"other settings \(corpus_checksum: "):
+        train.main(args(d, **{**kw, "max_steps": 6}))
+    with pytest.raises(SystemExit, match=r"demo.jsonl has changed since .*bound was trained on it"):
+        evaluate.score_run(tmp_path / "runs" / "bound", limit=2, beams=2, max_new_tokens=4)
+
+
+def test_a_foreign_bases_lengths_fit_its_position_table(workspace, tmp_path, capsys):
+    """A base without training.json (the fixture's: 128 positions): the default lengths of 1024 are cut to 128 and
+    said; a length given beyond 128 is refused by name."""
+    d, _ = workspace
+    kw = dict(name="fit", out_dir=tmp_path / "runs", strategy="lldb", max_steps=1, eval_interval=1)
+    with pytest.raises(SystemExit, match=r"--max_src_len=2000 is longer than the base's position table \(128"):
+        train.main(args(d, **kw, max_src_len=2000))
+    train.main(args(d, **kw))
+    assert "max_src_len: 1024 cut to 128" in capsys.readouterr().out
+    saved = json.load(open(tmp_path / "runs" / "fit" / "config.json"))
+    assert (saved["max_src_len"], saved["max_tgt_len"]) == (128, 128)
+
+
+def test_bad_records_are_named_by_line(workspace, tmp_path):
+    """A record whose tgt is not text, one without an id, one without the base's focal context: errors naming the
+    file and line (or the record) and what to do, not a KeyError's bare key."""
+    d, _ = workspace
+    good = [json.loads(x) for x in (d / "demo.jsonl").read_text().splitlines()]
+    cases = [({**good[1], "tgt": 7}, r"bad.jsonl:2: a record with tgt not text: mine the corpus again"),
+             ({k: v for k, v in good[1].items() if k != "id"}, r"bad.jsonl:2: a record with no id: mine")]
+    for record, msg in cases:
+        (tmp_path / "bad.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [good[0], record, *good[2:]]))
+        with pytest.raises(ValueError, match=msg):
+            train.main(args(d, name="bad", project=tmp_path / "bad.jsonl", out_dir=tmp_path / "runs"))
+    lacking = [{k: v for k, v in r.items() if k != "src_fm_fc_ms_ff"} for r in good]
+    (tmp_path / "bad.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lacking))
+    with pytest.raises(SystemExit, match=r"has no 'src_fm_fc_ms_ff', the focal context the base reads"):
+        train.main(args(d, name="bad", project=tmp_path / "bad.jsonl", out_dir=tmp_path / "runs"))
+    assert not (tmp_path / "runs").exists()
+
+
+def test_save_base_under_a_file_is_refused_before_training(workspace, tmp_path):
+    d, _ = workspace
+    (tmp_path / "afile").write_text("x")
+    for target, msg in ((tmp_path / "afile" / "base", r"afile is a file, not a folder"),
+                        (tmp_path / "afile", r"is a file; a base is saved as a folder")):
+        with pytest.raises(SystemExit, match=rf"^--save_base=.*: .*{msg}"):
+            train.main(args(d, name="b", mode="base", out_dir=tmp_path / "runs", save_base=target, denoise_steps=0))
+    assert not (tmp_path / "runs").exists()
+
+
+def test_one_writer_per_run_folder(workspace, tmp_path):
+    """While another process holds a run folder (train.py or evaluate.py on it), a second train.py on it stops with
+    one line naming the holder's pid; once the holder is gone (killed: no clean-up), the run goes ahead."""
+    d, _ = workspace
+    run = tmp_path / "runs" / "locked"
+    run.mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", "import runs, sys, time; runs.lock_run(sys.argv[1]); "
+                               "print('held', flush=True); time.sleep(60)", str(run)],
+                              cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT}, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    kw = dict(name="locked", out_dir=tmp_path / "runs", strategy="lldb", max_steps=2, eval_interval=2)
+    with pytest.raises(SystemExit, match=rf"runs/locked is in use by process {holder.pid} "):
+        train.main(args(d, **kw))
+    assert not (run / "log.jsonl").exists()
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    (run / ".tmp-abc123-last.pt").write_bytes(b"half a checkpoint")  # what a kill inside a save leaves
+    train.main(args(d, **kw))
+    assert not (run / ".tmp-abc123-last.pt").exists()
+    strict = lambda line: json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in log.jsonl: not JSON"))
+    log = [strict(x) for x in (run / "log.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in log] == [0, 2] and log[0]["train_loss"] is None  # step 0: no training loss yet
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (run / "config.json").stat().st_mode & 0o777 == 0o666 & ~umask  # as open() would make it
+
+
 def test_torchrun_data_parallel_on_cpu(workspace):
     """torchrun with 2 gloo processes trains a base model and saves it (the multi-GPU path, smoke-tested)."""
     d, _ = workspace
@@ -170,8 +271,16 @@ def test_base_two_stages_and_training_json(workspace, tmp_path, capsys):
     assert [(x["step"], x["stage"], x["denoising_steps"]) for x in mix] == [(2, "denoise", 2), (3, "supervised", 2),
                                                                            (6, "supervised", 4)]
     trained = json.load(open(tmp_path / "base" / "training.json"))
-    assert {k: trained[k] for k in runs.CARRIED} == dict(tokenizer=os.path.relpath(d / "tokenizer.json", ROOT),
-                                                          focal_context="fm", max_src_len=40, max_tgt_len=48)
+    assert {k: trained[k] for k in runs.CARRIED} == dict(tokenizer="tokenizer.json", focal_context="fm",
+                                                          max_src_len=40, max_tgt_len=48)
+    # the folder is self-contained: its tokenizer, its log, the totals of the run, bf16 weights, SHA256SUMS
+    assert (tmp_path / "base" / "tokenizer.json").read_bytes() == (d / "tokenizer.json").read_bytes()
+    assert (tmp_path / "base" / "log.jsonl").read_bytes() == (tmp_path / "runs" / "b" / "log.jsonl").read_bytes()
+    assert trained["steps"] == 6 and trained["stages"][0]["denoising_steps"] == 3
+    assert trained["pf_s_exact"] == log[-1]["pf_s_exact"] and trained["weights_dtype"] == "bf16"
+    assert {t.dtype for t in load_file(tmp_path / "base" / "model.safetensors").values()} == {torch.bfloat16}
+    sums = subprocess.run(["sha256sum", "-c", "SHA256SUMS"], cwd=tmp_path / "base", capture_output=True, text=True)
+    assert sums.returncode == 0 and sums.stdout.count(": OK") == 5, sums.stdout + sums.stderr
     kw = dict(name="c", base=tmp_path / "base", out_dir=tmp_path / "runs", max_steps=3, eval_interval=3)
     with pytest.raises(SystemExit, match=r"--focal_context=fm_fc differs from the base's focal_context=fm"):
         train.main(args(d, **kw, focal_context="fm_fc"))

@@ -47,7 +47,8 @@ def workspace(tmp_path_factory):
 
 def args(d, **over):
     kw = dict(project=d / "demo.jsonl", tokenizer=d / "tokenizer.json", base=d / "base", out_dir=d / "runs",
-              batch_size=4, eval_interval=3, max_steps=12, warmup_steps=2, patience=50, prefix_len=4)
+              batch_size=4, eval_interval=3, max_steps=12, warmup_steps=2, patience=50, prefix_len=4,
+              preset="tiny", denoise_text="pairs")  # base mode: small and fast, no source trees needed
     kw.update(over)
     return [f"--{k}={v}" for k, v in kw.items()]
 
