@@ -11,7 +11,8 @@ ARGS      ?=# extra train.py settings for customization, e.g. ARGS="--lr=1e-3 --
 BASE_ARGS ?=# extra train.py settings for the base; its recipe: train.py BASE_DEFAULTS (e.g. --max_steps=20000 on a GPU)
 CORPUS    = data/cache/corpus
 TOKENIZER = data/cache/tokenizer.json
-BASE      = checkpoints/base
+BASE      ?= checkpoints/base# the base make train customizes: the shipped one, a make base one, or an HF/fairseq path
+NEW_BASE  ?= checkpoints/base-new# where make base trains a base from scratch with the shipped base's recipe
 PNAME     = $(notdir $(abspath $(or $(1),$(PROJECT))))# the project's name ($(call PNAME,P): P's)
 export PYTHONPATH := $(CURDIR)
 
@@ -24,8 +25,8 @@ setup:  ## create .venv/ and install the pinned runtime and test dependencies
 	$(PY) -m pip install -q -r requirements.txt -r requirements-test.txt
 test:  ## run the CPU test suite (Triton kernels run in the interpreter)
 	$(PY) -m pytest tests
-bench:  ## CPU benchmarks: model vs HF, strategies, evaluation, src2abs, serving (each prints a table)
-	for b in model strategies evaluate abstract serve; do $(PY) bench/bench_$$b.py || exit 1; done
+bench:  ## CPU benchmarks: matmul peak and MFU, model vs HF, strategies, evaluation, src2abs, serving (each prints a table)
+	for b in peak model strategies evaluate abstract serve; do $(PY) bench/bench_$$b.py || exit 1; done
 
 data:  ## fetch + mine all 38 pinned projects; PROJECT=/path/to/checkout mines your own
 	$(PY) -m data.fetch $(if $(filter command line,$(origin PROJECT)),$(PROJECT))
@@ -33,13 +34,16 @@ $(CORPUS)/%.jsonl:  # one project, fetched and mined on demand (a checkout given
 	$(PY) -m data.fetch $(if $(and $(wildcard $(PROJECT)/.),$(filter $*,$(PNAME))),$(PROJECT),$*)
 $(TOKENIZER): $(BASE_PROJECTS:%=$(CORPUS)/%.jsonl)
 	$(PY) -m data.tokenizer --projects $(BASE_PROJECTS) --out $@
-$(BASE)/config.json: $(TOKENIZER)
-	$(PY) train.py --mode=base "--base_projects=$(strip $(BASE_PROJECTS))" --save_base=$(BASE) $(BASE_ARGS)
-base: $(BASE)/config.json  ## train the base model (tiny preset, from scratch, on the base projects)
+$(NEW_BASE)/config.json: $(TOKENIZER)
+	$(PY) train.py --mode=base "--base_projects=$(strip $(BASE_PROJECTS))" --save_base=$(NEW_BASE) $(BASE_ARGS)
+base:  ## train a base from scratch with the shipped base's recipe -> checkpoints/base-new (hours on 2 cores)
+base: $(NEW_BASE)/config.json
+checkpoints/base/config.json:
+	@echo "the shipped base checkpoints/base/ is missing: restore it with 'git checkout -- checkpoints/base'"; exit 1
 
 # one run: $(1) project (a name or a checkout), $(2) strategy, $(3) fold; made as $(4), else as a run of experiment
 define RUN
-$(or $(4),runs/$(1)-$(2)-f$(3)/metrics.json): $(TOKENIZER) $(BASE)/config.json $(CORPUS)/$(call PNAME,$(1)).jsonl
+$(or $(4),runs/$(1)-$(2)-f$(3)/metrics.json): $(BASE)/config.json $(CORPUS)/$(call PNAME,$(1)).jsonl
 	$(PY) train.py --strategy=$(2) --project=$(1) --fold=$(3) --base=$(BASE) $(ARGS)
 	$(PY) evaluate.py runs/$(call PNAME,$(1))-$(2)-f$(3)
 $(if $(4),,experiment: runs/$(1)-$(2)-f$(3)/metrics.json)

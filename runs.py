@@ -339,6 +339,11 @@ def export_base(model, out_dir, training, tokenizer_path, log_path):
         with open(os.path.join(folder, "training.json"), "w", encoding="utf-8") as f:
             json.dump(training, f, indent=2, allow_nan=False)
             f.write("\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(folder, 0o777 & ~umask)  # mkdtemp's 0700 and safetensors' 0600 -> what the umask gives
+        for name in os.listdir(folder):
+            os.chmod(os.path.join(folder, name), 0o666 & ~umask)
         names = sorted(os.listdir(folder))
         sums = "".join(f"{sha256_file(os.path.join(folder, n))}  {n}\n" for n in names)
         with open(os.path.join(folder, "SHA256SUMS"), "w", encoding="utf-8") as f:
