@@ -16,13 +16,16 @@ NEW_BASE  ?= checkpoints/base-new# where make base trains a base from scratch wi
 PNAME     = $(notdir $(abspath $(or $(1),$(PROJECT))))# the project's name ($(call PNAME,P): P's)
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: help setup test bench data base train smoke experiment flops gpu-check report
+.PHONY: help setup lint test bench data base train smoke experiment flops gpu-check report
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 setup:  ## create .venv/ and install the pinned runtime and test dependencies
 	python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt -r requirements-test.txt
+lint:  ## ruff format --check and ruff check (ruff.toml)
+	$(PY) -m ruff format --check .
+	$(PY) -m ruff check .
 test:  ## run the CPU test suite (Triton kernels run in the interpreter)
 	$(PY) -m pytest tests
 bench:  ## CPU benchmarks: matmul peak and MFU, model vs HF, strategies, evaluation, src2abs, serving (each prints a table)

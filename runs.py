@@ -1,7 +1,6 @@
-"""
-The run folder and the base checkpoint on disk (docs/design.md, "Run folder" and "Base checkpoint"): what train.py
-writes and resumes from, and what evaluate.py reads and writes. Kept out of train.py so that the loop reads top to
-bottom.
+"""The run folder and the base checkpoint on disk (docs/design.md, "Run folder" and "Base
+checkpoint"): what train.py writes and resumes from, and what evaluate.py reads and writes. Kept out
+of train.py so that the loop reads top to bottom.
 
     runs/<name>/config.json       every setting of the run (train.py), checked again when the run resumes
     runs/<name>/log.jsonl         one line per evaluation; a line cut short by a kill is dropped on resume
@@ -11,13 +10,15 @@ bottom.
     runs/.cache/base-<key>.json   the base's scores on one fold and decoding, shared by every strategy (cached)
     checkpoints/base/training.json  focal context, lengths and tokenizer the base learned with
 
-The delta's own files (save_trainable, load_trainable: train.py writes and resumes them, evaluate.py loads them
-through load_models) and train.py's --key=value settings parser (parse_settings) live here too, so that neither
-train.py nor evaluate.py imports the other; so does resolve, what a run's "auto" settings come to on this machine.
+The delta's own files (save_trainable, load_trainable: train.py writes and resumes them, evaluate.py
+loads them through load_models) and train.py's --key=value settings parser (parse_settings) live
+here too, so that neither train.py nor evaluate.py imports the other; so does resolve, what a run's
+"auto" settings come to on this machine.
 
-Nothing here is unpickled beyond tensors (torch.load weights_only=True); every file is written through a temporary
-file and a rename (data.atomic_write), except log.jsonl, appended a line at a time (a cut last line is dropped).
-"""
+Nothing here is unpickled beyond tensors (torch.load weights_only=True); every file is written
+through a temporary file and a rename (data.atomic_write), except log.jsonl, appended a line at a
+time (a cut last line is dropped)."""
+
 import fcntl
 import hashlib
 import json
@@ -33,21 +34,39 @@ import strategies
 from model import BART
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-CARRIED = ("tokenizer", "focal_context", "max_src_len", "max_tgt_len")  # what a base passes on to its customizations
-RECORDED = ("preset", "base_projects", "denoise_steps", "denoise_every", "max_steps", "lr")  # and its recipe
-# train.py's loop at step 0 (its state in last.pt): data position per stream, tokens, FLOPs, early stopping, time
-FRESH = dict(step=0, epoch=0, batch=0, dn_epoch=0, dn_batch=0, dn_steps=0, tokens=0, flops_exact=0.0, flops_paper=0.0,
-             best_val=float("inf"), best_step=-1, bad_evals=0, seconds=0.0)
+# what a base passes on to its customizations
+CARRIED = ("tokenizer", "focal_context", "max_src_len", "max_tgt_len")
+# and its recipe
+RECORDED = ("preset", "base_projects", "denoise_steps", "denoise_every", "max_steps", "lr")
+# train.py's loop at step 0 (its state in last.pt): data position per stream, tokens, FLOPs, early
+# stopping, time
+FRESH = dict(
+    step=0,
+    epoch=0,
+    batch=0,
+    dn_epoch=0,
+    dn_batch=0,
+    dn_steps=0,
+    tokens=0,
+    flops_exact=0.0,
+    flops_paper=0.0,
+    best_val=float("inf"),
+    best_step=-1,
+    bad_evals=0,
+    seconds=0.0,
+)
 
 
-_HELD = {}  # run folder -> the open lock file of this process (the kernel drops the lock when the process ends)
+# run folder -> the open lock file of this process (the kernel drops the lock when the process ends)
+_HELD = {}
 
 
 def lock_run(run):
-    """One writer per run folder: an exclusive flock on <run>/.lock for the rest of this process (train.py for the
-    whole training, evaluate.py while it scores). Another process holding it: one line naming its pid. A lock of a
-    process that died is no lock (flock is released with the process), so a kill -9 never leaves the run locked;
-    the temporary files such a kill left behind are removed once the lock is held."""
+    """One writer per run folder: an exclusive flock on <run>/.lock for the rest of this process
+    (train.py for the whole training, evaluate.py while it scores). Another process holding it:
+    one line naming its pid. A lock of a process that died is no lock (flock is released with the
+    process), so a kill -9 never leaves the run locked; the temporary files such a kill left
+    behind are removed once the lock is held."""
     key = os.path.abspath(run)
     if key in _HELD:
         return
@@ -58,52 +77,65 @@ def lock_run(run):
         f.seek(0)
         holder = f.read().strip() or "another process"
         f.close()
-        raise SystemExit(f"{run} is in use by process {holder} (a train.py or evaluate.py on the same run); wait "
-                         f"for it to finish, or give this one another --name") from None
+        raise SystemExit(
+            f"{run} is in use by process {holder} (a train.py or evaluate.py on the same run); wait "
+            f"for it to finish, or give this one another --name"
+        ) from None
     f.seek(0)
     f.truncate()
     f.write(str(os.getpid()))
     f.flush()
     _HELD[key] = f
-    # the temporary files of a writer killed inside a save (data.atomic_write's .tmp-*): with the lock held, no
-    # other writer can own them
+    # the temporary files of a writer killed inside a save (data.atomic_write's .tmp-*): with the
+    # lock held, no other writer can own them
     for name in os.listdir(run):
         if name.startswith(".tmp-"):
             os.remove(os.path.join(run, name))
 
 
 def check_save_base(path):
-    """--save_base, checked before a base trains for hours: not an existing file, and under a folder this process
-    can write (the nearest existing ancestor, where the missing folders will be made)."""
+    """--save_base, checked before a base trains for hours: not an existing file, and under a
+    folder this process can write (the nearest existing ancestor, where the missing folders will
+    be made)."""
     path = os.path.abspath(str(path))
     if os.path.exists(path) and not os.path.isdir(path):
-        raise SystemExit(f"--save_base={path}: is a file; a base is saved as a folder: choose another path")
+        raise SystemExit(
+            f"--save_base={path}: is a file; a base is saved as a folder: choose another path"
+        )
     ancestor = os.path.dirname(path)
     while not os.path.exists(ancestor):
         ancestor = os.path.dirname(ancestor)
     if not os.path.isdir(ancestor):
-        raise SystemExit(f"--save_base={path}: {ancestor} is a file, not a folder: choose another path")
+        raise SystemExit(
+            f"--save_base={path}: {ancestor} is a file, not a folder: choose another path"
+        )
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise SystemExit(f"--save_base={path}: cannot write in {ancestor}: choose another path")
 
 
 def open_run(out_dir, name):
-    """runs/<name>, created and checked writable (a clear error instead of a crash at the first checkpoint)."""
+    """runs/<name>, created and checked writable (a clear error instead of a crash at the first
+    checkpoint)."""
     run = os.path.join(out_dir, name)
     try:
         os.makedirs(run, exist_ok=True)
         tempfile.TemporaryFile(dir=run).close()
     except OSError as e:
-        raise SystemExit(f"cannot write the run folder {run}: {e.strerror}; choose another --out_dir") from None
+        raise SystemExit(
+            f"cannot write the run folder {run}: {e.strerror}; choose another --out_dir"
+        ) from None
     return run
 
 
 def resolve(cfg):
-    """(ddp, rank, world, cuda, device, attn_impl): under torchrun data parallel, every rank on its own GPU; auto:
-    the GPU if there is one, and the Triton kernel on it (sdpa on CPU, or with attention dropout: said)."""
+    """(ddp, rank, world, cuda, device, attn_impl): under torchrun data parallel, every rank on
+    its own GPU; auto: the GPU if there is one, and the Triton kernel on it (sdpa on CPU, or with
+    attention dropout: said)."""
     ddp = "RANK" in os.environ  # launched by torchrun: data parallel (base training)
     rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
-    cuda = cfg["device"].startswith("cuda") or (cfg["device"] == "auto" and torch.cuda.is_available())
+    cuda = cfg["device"].startswith("cuda") or (
+        cfg["device"] == "auto" and torch.cuda.is_available()
+    )
     local = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
     device = local if cfg["device"] == "auto" and cuda else cfg["device"].replace("auto", "cpu")
     if cuda:
@@ -112,14 +144,24 @@ def resolve(cfg):
         torch.distributed.init_process_group("nccl" if cuda else "gloo")
     attn_impl = "triton" if cuda and not cfg["attention_dropout"] else "sdpa"
     if cuda and cfg["attn_impl"] == "auto" and attn_impl == "sdpa":
-        print(f"attention: sdpa, not the Triton kernel, which has no attention dropout (attention_dropout="
-              f"{cfg['attention_dropout']}; --attention_dropout=0 selects the kernel)")
-    return ddp, rank, world, cuda, device, cfg["attn_impl"] if cfg["attn_impl"] != "auto" else attn_impl
+        print(
+            f"attention: sdpa, not the Triton kernel, which has no attention dropout (attention_dropout="
+            f"{cfg['attention_dropout']}; --attention_dropout=0 selects the kernel)"
+        )
+    return (
+        ddp,
+        rank,
+        world,
+        cuda,
+        device,
+        cfg["attn_impl"] if cfg["attn_impl"] != "auto" else attn_impl,
+    )
 
 
 def read_log(path, upto_step=None):
-    """log.jsonl -> its lines as dicts. A partial last line (a kill during the write) is dropped and said; a corrupt
-    line elsewhere is an error naming the file and line. upto_step: drop lines logged after that step."""
+    """log.jsonl -> its lines as dicts. A partial last line (a kill during the write) is dropped
+    and said; a corrupt line elsewhere is an error naming the file and line. upto_step: drop
+    lines logged after that step."""
     lines = open(path, encoding="utf-8").read().split("\n")
     rows = []
     for n, line in enumerate(lines, 1):
@@ -129,15 +171,20 @@ def read_log(path, upto_step=None):
             rows.append(json.loads(line))
         except json.JSONDecodeError:
             if n == len(lines):  # no newline after it: the write was cut short
-                print(f"{path}:{n}: dropping a partial last line (the run was killed while logging)")
+                print(
+                    f"{path}:{n}: dropping a partial last line (the run was killed while logging)"
+                )
                 continue
-            raise SystemExit(f"{path}:{n}: corrupt log line; delete the run folder to start afresh") from None
+            raise SystemExit(
+                f"{path}:{n}: corrupt log line; delete the run folder to start afresh"
+            ) from None
     return [r for r in rows if upto_step is None or r["step"] <= upto_step]
 
 
 def parse_settings(argv, defaults):
-    """["--key=value", ...] -> (settings, the keys given): each value converted to the type of its default (bools:
-    true/false); an unknown key or a value of the wrong type is an error naming it and the valid choices."""
+    """["--key=value", ...] -> (settings, the keys given): each value converted to the type of
+    its default (bools: true/false); an unknown key or a value of the wrong type is an error
+    naming it and the valid choices."""
     cfg, given = dict(defaults), set()
     for arg in argv:
         if not arg.startswith("--") or "=" not in arg:
@@ -155,20 +202,23 @@ def parse_settings(argv, defaults):
 
 
 def write_config(run, saved, note=""):
-    """config.json: every setting of the run and what it resolved to (device, splits, parameters); printed, then
-    the parameters and the data in a line (and `note`)."""
+    """config.json: every setting of the run and what it resolved to (device, splits,
+    parameters); printed, then the parameters and the data in a line (and `note`)."""
     data.atomic_write(os.path.join(run, "config.json"), json.dumps(saved, indent=2))
     print(json.dumps(saved, indent=2))
-    print(f"parameters: {saved['total_parameters']:,} total, {saved['trainable_parameters']:,} trainable; "
-          f"{saved['splits']['train']} training pairs ({saved['truncated_training_pairs']} truncated), "
-          f"{saved['splits']['val']} validation pairs{note}")
+    print(
+        f"parameters: {saved['total_parameters']:,} total, {saved['trainable_parameters']:,} trainable; "
+        f"{saved['splits']['train']} training pairs ({saved['truncated_training_pairs']} truncated), "
+        f"{saved['splits']['val']} validation pairs{note}"
+    )
 
 
 def resume(run, cfg, may_change, model, optimizer, rank, world, device):
-    """The loop's state: FRESH, or runs/<name>'s last.pt if it is there (same settings only: check_resume), loaded
-    with the trainable tensors, the optimizer and this rank's generators. A run stopped by max_steps or the time
-    limit goes on when the rerun raises them; one that stopped early stays done. Log lines written after the
-    checkpoint (a kill between the two) are dropped; a fresh start drops the old log."""
+    """The loop's state: FRESH, or runs/<name>'s last.pt if it is there (same settings only:
+    check_resume), loaded with the trainable tensors, the optimizer and this rank's generators. A
+    run stopped by max_steps or the time limit goes on when the rerun raises them; one that
+    stopped early stays done. Log lines written after the checkpoint (a kill between the two) are
+    dropped; a fresh start drops the old log."""
     last, log, state = os.path.join(run, "last.pt"), os.path.join(run, "log.jsonl"), dict(FRESH)
     if not os.path.exists(last):
         if rank == 0 and os.path.exists(log):
@@ -180,17 +230,24 @@ def resume(run, cfg, may_change, model, optimizer, rank, world, device):
         load_trainable(model, ck["trainable"])
         optimizer.load_state_dict(ck["optimizer"])
     except ValueError as e:  # another strategy, other options, or an older trainer
-        raise SystemExit(f"{last} does not match this run's trainable parameters ({e}); "
-                         f"start a fresh run: delete {run} or choose another --name") from None
+        raise SystemExit(
+            f"{last} does not match this run's trainable parameters ({e}); "
+            f"start a fresh run: delete {run} or choose another --name"
+        ) from None
     if len(ck["rng"]) != world:
-        raise SystemExit(f"{last} was saved by {len(ck['rng'])} processes, this run has {world}: resume with "
-                         f"--nproc_per_node={len(ck['rng'])}")
+        raise SystemExit(
+            f"{last} was saved by {len(ck['rng'])} processes, this run has {world}: resume with "
+            f"--nproc_per_node={len(ck['rng'])}"
+        )
     state.update(ck["state"])
     torch.set_rng_state(ck["rng"][rank]["cpu"])
     if device.startswith("cuda"):
         torch.cuda.set_rng_state(ck["rng"][rank]["cuda"], device)
     print(f"resumed {run} at step {state['step']} (best val loss {state['best_val']:.4f})")
-    if str(state.get("done")).startswith(("max_steps", "time limit")) and state["step"] < cfg["max_steps"]:
+    if (
+        str(state.get("done")).startswith(("max_steps", "time limit"))
+        and state["step"] < cfg["max_steps"]
+    ):
         del state["done"]
     if rank == 0 and os.path.exists(log):
         data.atomic_write(log, "".join(json.dumps(x) + "\n" for x in read_log(log, state["step"])))
@@ -198,71 +255,110 @@ def resume(run, cfg, may_change, model, optimizer, rank, world, device):
 
 
 def log_evaluation(run, state, stage, train_loss, check, better):
-    """A line of log.jsonl: the step and its stage, the denoising steps, tokens, FLOPs and PF-s so far, the last
-    training loss, the validation's numbers (`check`, train.source_check) and the seconds so far; printed in short."""
-    line = dict(step=state["step"], stage=stage, denoising_steps=state["dn_steps"], tokens=state["tokens"],
-                flops_exact=state["flops_exact"], flops_paper=state["flops_paper"],
-                pf_s_exact=state["flops_exact"] / 1e15, pf_s_paper=state["flops_paper"] / 1e15,
-                train_loss=train_loss if math.isfinite(train_loss) else None,  # step 0: no step yet (strict JSON)
-                **check, seconds=round(state["seconds"], 2))
+    """A line of log.jsonl: the step and its stage, the denoising steps, tokens, FLOPs and PF-s
+    so far, the last training loss, the validation's numbers (`check`, train.source_check) and
+    the seconds so far; printed in short."""
+    line = dict(
+        step=state["step"],
+        stage=stage,
+        denoising_steps=state["dn_steps"],
+        tokens=state["tokens"],
+        flops_exact=state["flops_exact"],
+        flops_paper=state["flops_paper"],
+        pf_s_exact=state["flops_exact"] / 1e15,
+        pf_s_paper=state["flops_paper"] / 1e15,
+        # step 0: no step yet (strict JSON)
+        train_loss=train_loss if math.isfinite(train_loss) else None,
+        **check,
+        seconds=round(state["seconds"], 2),
+    )
     with open(os.path.join(run, "log.jsonl"), "a") as f:
         f.write(json.dumps(line) + "\n")
-    print(f"step {state['step']} ({stage}): val loss {check['val_loss']:.4f}{' (best)' if better else ''} | "
-          + (f"denoise_gain {check['denoise_gain']:.2f} | " if stage == "denoise" else "") +
-          f"source_gain {check['source_gain']:.3f} | empty-source loss {check['val_loss_empty_source']:.3f} | "
-          f"encoder spread {check['encoder_spread']:.3f}")
+    print(
+        f"step {state['step']} ({stage}): val loss {check['val_loss']:.4f}{' (best)' if better else ''} | "
+        + (f"denoise_gain {check['denoise_gain']:.2f} | " if stage == "denoise" else "")
+        + f"source_gain {check['source_gain']:.3f} | empty-source loss {check['val_loss_empty_source']:.3f} | "
+        f"encoder spread {check['encoder_spread']:.3f}"
+    )
 
 
 def check_resume(run, cfg, may_change):
-    """A run resumes only with the settings that made it: another fold, project, strategy, learning rate... would
-    continue another run (a model trained on what is now its test fold). Each differing setting is named."""
+    """A run resumes only with the settings that made it: another fold, project, strategy,
+    learning rate... would continue another run (a model trained on what is now its test fold).
+    Each differing setting is named."""
     path = os.path.join(run, "config.json")
     if not os.path.isfile(path):
         return
     old = json.load(open(path))
-    differ = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in cfg.items() if k not in may_change and old.get(k) != v]
+    differ = [
+        f"{k}: {old.get(k)!r} -> {v!r}"
+        for k, v in cfg.items()
+        if k not in may_change and old.get(k) != v
+    ]
     if differ:
-        raise SystemExit(f"{run} was started with other settings ({'; '.join(differ)}); resuming would continue "
-                         f"another run. Use the same settings, another --name, or delete {run}")
+        raise SystemExit(
+            f"{run} was started with other settings ({'; '.join(differ)}); resuming would continue "
+            f"another run. Use the same settings, another --name, or delete {run}"
+        )
 
 
-# ---- the delta: best.safetensors holds exactly the trainable tensors, the strategy in its metadata ----
+# ---- the delta: best.safetensors holds exactly the trainable tensors, the strategy in its metadata
+# ----
+
 
 def trainable_state_dict(model):
-    """Exactly the trainable tensors under their model names (tied weights once, as model.shared.weight);
-    detached views of the live tensors: clone them to keep a snapshot."""
+    """Exactly the trainable tensors under their model names (tied weights once, as
+    model.shared.weight); detached views of the live tensors: clone them to keep a snapshot."""
     return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
 
 
 def save_trainable(model, path):
-    """The delta as safetensors, the strategy in the metadata; via a temporary file: never half-written."""
+    """The delta as safetensors, the strategy in the metadata; via a temporary file: never
+    half-written."""
     from safetensors.torch import save_file
+
     sd = {k: v.contiguous() for k, v in trainable_state_dict(model).items()}
-    data.atomic_write(path, lambda p: save_file(sd, p, metadata={"strategy": json.dumps(model.strategy)}))
+    data.atomic_write(
+        path, lambda p: save_file(sd, p, metadata={"strategy": json.dumps(model.strategy)})
+    )
 
 
 def load_trainable(model, src):
-    """Copy a delta (a save_trainable path, or a state dict) onto a base model to which the same strategy was
-    applied: the result is the customized model bit for bit. Another strategy, option or shape: ValueError."""
+    """Copy a delta (a save_trainable path, or a state dict) onto a base model to which the same
+    strategy was applied: the result is the customized model bit for bit. Another strategy,
+    option or shape: ValueError."""
     if getattr(model, "strategy", None) is None:
-        raise ValueError("apply the delta's strategy to the model first (strategies.apply(model, name, ...))")
+        raise ValueError(
+            "apply the delta's strategy to the model first (strategies.apply(model, name, ...))"
+        )
     if isinstance(src, (str, os.PathLike)):
         from safetensors import safe_open
+
         with safe_open(str(src), framework="pt") as f:
             saved = json.loads((f.metadata() or {}).get("strategy", "null"))
             sd = {k: f.get_tensor(k) for k in f.keys()}
         if saved is not None and saved != model.strategy:
-            raise ValueError(f"{src}: a delta of {saved} cannot load onto a model customized with {model.strategy}")
+            raise ValueError(
+                f"{src}: a delta of {saved} cannot load onto a model customized with {model.strategy}"
+            )
     else:
         sd = src
     own = {n: p for n, p in model.named_parameters() if p.requires_grad}
     missing, extra = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
     if missing or extra:
-        raise ValueError(f"the delta does not hold this model's trainable tensors ({model.strategy['name']}): missing "
-                         f"{missing[:3]}, unexpected {extra[:3]}; was it saved from another strategy?")
-    bad = [f"{k} {tuple(sd[k].shape)} vs {tuple(p.shape)}" for k, p in own.items() if sd[k].shape != p.shape]
+        raise ValueError(
+            f"the delta does not hold this model's trainable tensors ({model.strategy['name']}): missing "
+            f"{missing[:3]}, unexpected {extra[:3]}; was it saved from another strategy?"
+        )
+    bad = [
+        f"{k} {tuple(sd[k].shape)} vs {tuple(p.shape)}"
+        for k, p in own.items()
+        if sd[k].shape != p.shape
+    ]
     if bad:
-        raise ValueError(f"the delta's shapes do not match this model's (another model size?): {bad[:3]}")
+        raise ValueError(
+            f"the delta's shapes do not match this model's (another model size?): {bad[:3]}"
+        )
     with torch.no_grad():
         for k, p in own.items():
             p.copy_(sd[k])
@@ -270,8 +366,9 @@ def load_trainable(model, src):
 
 
 def save_state(run, model, optimizer, state, device, ddp, world, master):
-    """last.pt: the trainable tensors, the optimizer, the loop's state and every rank's random generators (the CPU
-    one, and the current CUDA device's: dropout draws from it). A collective: every rank calls it, the master writes."""
+    """last.pt: the trainable tensors, the optimizer, the loop's state and every rank's random
+    generators (the CPU one, and the current CUDA device's: dropout draws from it). A collective:
+    every rank calls it, the master writes."""
     mine = dict(cpu=torch.get_rng_state())
     if device.startswith("cuda"):
         mine["cuda"] = torch.cuda.get_rng_state(device)
@@ -279,24 +376,33 @@ def save_state(run, model, optimizer, state, device, ddp, world, master):
     if ddp:
         torch.distributed.all_gather_object(rng, mine)
     if master:
-        ck = dict(trainable=trainable_state_dict(model), optimizer=optimizer.state_dict(), state=dict(state), rng=rng)
+        ck = dict(
+            trainable=trainable_state_dict(model),
+            optimizer=optimizer.state_dict(),
+            state=dict(state),
+            rng=rng,
+        )
         data.atomic_write(os.path.join(run, "last.pt"), lambda p: torch.save(ck, p))
 
 
 def finish(run, model, state, reason):
-    """The end of a run: the model kept and evaluated is the one at the best validation loss (best.safetensors); a
-    run that stopped for any reason but a non-finite loss is done: rerunning it resumes into "nothing to do"."""
+    """The end of a run: the model kept and evaluated is the one at the best validation loss
+    (best.safetensors); a run that stopped for any reason but a non-finite loss is done:
+    rerunning it resumes into "nothing to do"."""
     best = os.path.join(run, "best.safetensors")
     if not os.path.exists(best):
-        raise SystemExit(f"no supervised validation loss was reached before stopping ({reason}); nothing saved in "
-                         f"{run}")
+        raise SystemExit(
+            f"no supervised validation loss was reached before stopping ({reason}); nothing saved in "
+            f"{run}"
+        )
     load_trainable(model, best)
     if reason != "non-finite loss" and not state.get("done"):
         state["done"] = reason
 
 
 def machine():
-    """The machine a base was trained on, for training.json: CPU model and cores (or the GPU), torch's version."""
+    """The machine a base was trained on, for training.json: CPU model and cores (or the GPU),
+    torch's version."""
     cpu = "unknown CPU"
     try:
         for line in open("/proc/cpuinfo"):
@@ -320,13 +426,15 @@ def sha256_file(path):
 
 
 def export_base(model, out_dir, training, tokenizer_path, log_path):
-    """Write a self-contained base folder (docs/design.md, "Base checkpoint"): config.json and model.safetensors
-    with the weights rounded to bf16 (half the bytes; customization loads them back into fp32 master weights), the
-    tokenizer it was trained with, its log.jsonl, training.json (`training`, with the tokenizer named relative to
-    the folder) and SHA256SUMS over every other file, which the loader checks (weights.verify_sha256sums). Built in
-    a temporary folder next to out_dir and renamed into place: never half-written."""
+    """Write a self-contained base folder (docs/design.md, "Base checkpoint"): config.json and
+    model.safetensors with the weights rounded to bf16 (half the bytes; customization loads them
+    back into fp32 master weights), the tokenizer it was trained with, its log.jsonl,
+    training.json (`training`, with the tokenizer named relative to the folder) and SHA256SUMS
+    over every other file, which the loader checks (weights.verify_sha256sums). Built in a
+    temporary folder next to out_dir and renamed into place: never half-written."""
     import copy
     import shutil
+
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".tmp-base-", dir=parent)
@@ -341,7 +449,8 @@ def export_base(model, out_dir, training, tokenizer_path, log_path):
             f.write("\n")
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(folder, 0o777 & ~umask)  # mkdtemp's 0700 and safetensors' 0600 -> what the umask gives
+        # mkdtemp's 0700 and safetensors' 0600 -> what the umask gives
+        os.chmod(folder, 0o777 & ~umask)
         for name in os.listdir(folder):
             os.chmod(os.path.join(folder, name), 0o666 & ~umask)
         names = sorted(os.listdir(folder))
@@ -356,13 +465,23 @@ def export_base(model, out_dir, training, tokenizer_path, log_path):
 
 
 def base_training_record(cfg, state, summary):
-    """training.json of a base trained here: what customization reads (CARRIED), the recipe (every setting), the
-    data, the dtype, the totals (steps, tokens, PF-s, time) and the machine, as one stage of `stages`."""
-    stage = dict(settings={k: v for k, v in cfg.items() if k not in ("save_base",)}, machine=machine(),
-                 steps=state["step"], denoising_steps=state["dn_steps"], tokens=state["tokens"],
-                 pf_s_exact=state["flops_exact"] / 1e15, pf_s_paper=state["flops_paper"] / 1e15,
-                 seconds=round(state["seconds"]), best_step=state["best_step"], best_val_loss=state["best_val"],
-                 stopped=state.get("done"), **summary)
+    """training.json of a base trained here: what customization reads (CARRIED), the recipe
+    (every setting), the data, the dtype, the totals (steps, tokens, PF-s, time) and the machine,
+    as one stage of `stages`."""
+    stage = dict(
+        settings={k: v for k, v in cfg.items() if k not in ("save_base",)},
+        machine=machine(),
+        steps=state["step"],
+        denoising_steps=state["dn_steps"],
+        tokens=state["tokens"],
+        pf_s_exact=state["flops_exact"] / 1e15,
+        pf_s_paper=state["flops_paper"] / 1e15,
+        seconds=round(state["seconds"]),
+        best_step=state["best_step"],
+        best_val_loss=state["best_val"],
+        stopped=state.get("done"),
+        **summary,
+    )
     totals = {k: stage[k] for k in ("steps", "tokens", "pf_s_exact", "pf_s_paper", "seconds")}
     return {**{k: cfg[k] for k in CARRIED + RECORDED}, **totals, "stages": [stage]}
 
@@ -371,13 +490,16 @@ def save_base(model, cfg, run, state, summary):
     """The base checkpoint of a base trained here (export_base), said."""
     training = base_training_record(cfg, state, summary)
     export_base(model, cfg["save_base"], training, cfg["tokenizer"], os.path.join(run, "log.jsonl"))
-    print(f"base model saved to {cfg['save_base']} ({training['pf_s_exact']:.3f} PF-s exact, "
-          f"{training['steps']} steps)")
+    print(
+        f"base model saved to {cfg['save_base']} ({training['pf_s_exact']:.3f} PF-s exact, "
+        f"{training['steps']} steps)"
+    )
 
 
 def clamp_lengths(cfg, given, base):
-    """A base without training.json (an HF directory): lengths beyond its position table cannot be read. A default
-    length is cut to it (said); a length given on the command line beyond it is an error naming both."""
+    """A base without training.json (an HF directory): lengths beyond its position table cannot
+    be read. A default length is cut to it (said); a length given on the command line beyond it
+    is an error naming both."""
     hf = os.path.join(str(base), "config.json")
     if not os.path.isfile(hf):
         return cfg
@@ -390,55 +512,77 @@ def clamp_lengths(cfg, given, base):
     for k in ("max_src_len", "max_tgt_len"):
         if cfg[k] > limit:
             if k in given:
-                raise SystemExit(f"--{k}={cfg[k]} is longer than the base's position table ({limit} positions, "
-                                 f"{hf}): give at most {limit}")
+                raise SystemExit(
+                    f"--{k}={cfg[k]} is longer than the base's position table ({limit} positions, "
+                    f"{hf}): give at most {limit}"
+                )
             print(f"{k}: {cfg[k]} cut to {limit}, the base's max_position_embeddings ({hf})")
             cfg[k] = limit
     return cfg
 
 
 def base_settings(cfg, given, fallback):
-    """Customize: focal context, lengths and tokenizer from the base's training.json; a value given on the command
-    line that differs is an error naming it. A base without training.json (real BART or AthenaTest weights) takes
-    the given values, else `fallback`. base_checksum: the base's checksum (a resume onto another base is refused)."""
+    """Customize: focal context, lengths and tokenizer from the base's training.json; a value
+    given on the command line that differs is an error naming it. A base without training.json
+    (real BART or AthenaTest weights) takes the given values, else `fallback`. base_checksum: the
+    base's checksum (a resume onto another base is refused)."""
     path = os.path.join(str(cfg["base"]), "training.json")
     if not os.path.isfile(path):
-        out = {**cfg, **{k: cfg[k] or fallback[k] for k in CARRIED}, "base_checksum": checksum(cfg["base"])}
+        out = {
+            **cfg,
+            **{k: cfg[k] or fallback[k] for k in CARRIED},
+            "base_checksum": checksum(cfg["base"]),
+        }
         return clamp_lengths(out, given, cfg["base"])
     try:
         trained = json.load(open(path))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SystemExit(f"{path}: not valid JSON ({e}); retrain the base with `make base`") from None
+        raise SystemExit(
+            f"{path}: not valid JSON ({e}); retrain the base with `make base`"
+        ) from None
     if missing := [k for k in CARRIED if k not in trained]:
         raise SystemExit(f"{path}: lacks {', '.join(missing)}; retrain the base with `make base`")
-    # the tokenizer: beside the base (a folder of export_base), else a path relative to the checkout (older bases)
+    # the tokenizer: beside the base (a folder of export_base), else a path relative to the checkout
+    # (older bases)
     beside = os.path.join(str(cfg["base"]), trained["tokenizer"])
-    trained["tokenizer"] = beside if os.path.isfile(beside) else os.path.join(ROOT, trained["tokenizer"])
-    def same(k):  # a tokenizer is the same one when its file holds the same bytes (a base folder keeps a copy)
+    trained["tokenizer"] = (
+        beside if os.path.isfile(beside) else os.path.join(ROOT, trained["tokenizer"])
+    )
+
+    # a tokenizer is the same one when its file holds the same bytes (a base folder keeps a copy)
+    def same(k):
         if k == "tokenizer":
             return os.path.isfile(cfg[k]) and sha256_file(cfg[k]) == sha256_file(trained[k])
         return cfg[k] == trained[k]
 
     for k in CARRIED:
         if k in given and not same(k):
-            raise SystemExit(f"--{k}={cfg[k]} differs from the base's {k}={trained[k]} ({path}): a base is "
-                             f"customized and scored with what it learned from; drop the setting or retrain the base")
+            raise SystemExit(
+                f"--{k}={cfg[k]} differs from the base's {k}={trained[k]} ({path}): a base is "
+                f"customized and scored with what it learned from; drop the setting or retrain the base"
+            )
     return {**cfg, **{k: trained[k] for k in CARRIED}, "base_checksum": checksum(cfg["base"])}
 
 
 def run_config(run):
     """evaluate.py: a trained run's config.json (best.safetensors must exist beside it)."""
-    for f, why in (("config.json", "not a run folder"), ("best.safetensors", "no checkpoint: train.py writes it")):
+    for f, why in (
+        ("config.json", "not a run folder"),
+        ("best.safetensors", "no checkpoint: train.py writes it"),
+    ):
         if not (Path(run) / f).is_file():
             raise FileNotFoundError(f"{run}: no {f} ({why})")
     cfg = json.loads((Path(run) / "config.json").read_text())
     if missing := [k for k in CARRIED if not cfg.get(k)]:
-        raise ValueError(f"{run}/config.json lacks {', '.join(missing)} (a run of an older train.py): retrain it")
+        raise ValueError(
+            f"{run}/config.json lacks {', '.join(missing)} (a run of an older train.py): retrain it"
+        )
     return cfg
 
 
 def checksum(path):
-    """sha256 of a checkpoint: a file, or every file of a folder (names and bytes, in sorted order)."""
+    """sha256 of a checkpoint: a file, or every file of a folder (names and bytes, in sorted
+    order)."""
     h, p = hashlib.sha256(), Path(path)
     for f in sorted(p.rglob("*")) if p.is_dir() else [p]:
         if f.is_file() and f.name != "training.json":
@@ -449,26 +593,48 @@ def checksum(path):
 
 # ---- what evaluate.py reads and writes in a run folder ----
 
+
 def check_predictions(rows, path, expected_ids=()):
-    """Every row: id, reference and per model a non-empty list of strings and a token count; no test id missing."""
+    """Every row: id, reference and per model a non-empty list of strings and a token count; no
+    test id missing."""
     for r, m in ((r, m) for r in rows or [{}] for m in ("base", "customized")):
-        if "id" not in r or not isinstance(r.get("reference"), str) or not isinstance(r.get(m), dict):
-            raise ValueError(f"{path}: row {r.get('id', '?')} lacks id, reference or the {m} model's entry")
-        if not (r[m].get("predictions") and all(type(x) is str for x in r[m]["predictions"]) and r[m].get("tokens")):
-            raise ValueError(f"{path}: id {r['id']}: empty predictions (or no token count) for the {m} model")
+        if (
+            "id" not in r
+            or not isinstance(r.get("reference"), str)
+            or not isinstance(r.get(m), dict)
+        ):
+            raise ValueError(
+                f"{path}: row {r.get('id', '?')} lacks id, reference or the {m} model's entry"
+            )
+        if not (
+            r[m].get("predictions")
+            and all(type(x) is str for x in r[m]["predictions"])
+            and r[m].get("tokens")
+        ):
+            raise ValueError(
+                f"{path}: id {r['id']}: empty predictions (or no token count) for the {m} model"
+            )
     if missing := sorted(set(expected_ids) - {r["id"] for r in rows}):
-        raise ValueError(f"{path}: predictions missing for {len(missing)} test ids, e.g. {missing[:3]}")
+        raise ValueError(
+            f"{path}: predictions missing for {len(missing)} test ids, e.g. {missing[:3]}"
+        )
 
 
 def load_models(run, cfg, vocab_size, device="cpu"):
-    """The base, and base + strategy + the run's delta (strategies.py). sdpa: math's numbers, 25% faster on CPU.
-    A base that is not the one the run was trained on (its checksum in config.json) is refused by name."""
+    """The base, and base + strategy + the run's delta (strategies.py). sdpa: math's numbers, 25%
+    faster on CPU. A base that is not the one the run was trained on (its checksum in
+    config.json) is refused by name."""
     saved = cfg.get("base_checksum")
     if saved and checksum(cfg["base"]) != saved:
-        raise SystemExit(f"{cfg['base']} is not the base {run} was trained on (its checksum differs from the "
-                         f"base_checksum in {Path(run) / 'config.json'}): restore that base, or retrain the run")
-    base, cust = (BART.from_pretrained(cfg["base"], "sdpa", expect_vocab_size=vocab_size) for _ in range(2))
-    options = {k: v for k, v in cfg.get("strategy_options", {}).items() if k != "init_ids"}  # the delta overwrites it
+        raise SystemExit(
+            f"{cfg['base']} is not the base {run} was trained on (its checksum differs from the "
+            f"base_checksum in {Path(run) / 'config.json'}): restore that base, or retrain the run"
+        )
+    base, cust = (
+        BART.from_pretrained(cfg["base"], "sdpa", expect_vocab_size=vocab_size) for _ in range(2)
+    )
+    # the delta overwrites it
+    options = {k: v for k, v in cfg.get("strategy_options", {}).items() if k != "init_ids"}
     strategies.apply(cust, cfg["strategy"], **options)
     load_trainable(cust, str(Path(run) / "best.safetensors"))
     return base.to(device).eval(), cust.to(device).eval()
@@ -476,8 +642,9 @@ def load_models(run, cfg, vocab_size, device="cpu"):
 
 def cached(folder, what, key, compute):
     """JSON computed once per key (any JSON value: everything the result depends on): read from
-    folder/<what>-<sha256 of key>.json, else computed and written (atomically). A lock beside it makes concurrent
-    runs (make -j) wait for the first one's result instead of computing it twice."""
+    folder/<what>-<sha256 of key>.json, else computed and written (atomically). A lock beside it
+    makes concurrent runs (make -j) wait for the first one's result instead of computing it
+    twice."""
     path = Path(folder) / f"{what}-{hashlib.sha256(json.dumps(key).encode()).hexdigest()[:20]}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_suffix(".lock"), "w") as lock:

@@ -1,16 +1,17 @@
-"""
-The paper's customization strategies (§2.2-2.6, Figure 1, Table 1): custom (every weight), leo (shared embedding
-tied with the output layer + both position tables), lldb (last decoder block), prefix (200 trainable keys and
-values per attention site, Li & Liang 2021), and lora (not in the paper: the usual cheap baseline).
+"""The paper's customization strategies (§2.2-2.6, Figure 1, Table 1): custom (every weight), leo
+(shared embedding tied with the output layer + both position tables), lldb (last decoder block),
+prefix (200 trainable keys and values per attention site, Li & Liang 2021), and lora (not in the
+paper: the usual cheap baseline).
 
     strategies.apply(model, "lldb")   # prints "trainable X / total Y (Z%)", to compare with Table 1
     opt = torch.optim.AdamW(strategies.trainable_parameters(model), lr=3e-5)
     runs.save_trainable(model, "best.safetensors")   # the delta; runs.load_trainable(base + same strategy, path)
 
-Frozen weights get requires_grad=False: no gradient, no optimizer state, no autograd graph below the first
-trainable tensor (lldb's trunk). Counts, storage, FLOPs: `python flops.py --model bart-large`. Tests: `pytest
-tests/test_strategies.py`. Spec: docs/checkpoints.md §7 (prefix), §10 (counts).
-"""
+Frozen weights get requires_grad=False: no gradient, no optimizer state, no autograd graph below
+the first trainable tensor (lldb's trunk). Counts, storage, FLOPs: `python flops.py --model
+bart-large`. Tests: `pytest tests/test_strategies.py`. Spec: docs/checkpoints.md §7 (prefix), §10
+(counts)."""
+
 import json
 import math
 from collections import Counter
@@ -19,13 +20,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from flops import LORA_ALPHA, LORA_DEFAULT, LORA_RANK, LORA_TARGETS, PREFIX_LEN, SITES  # the defaults, once
+# the defaults, once
+from flops import LORA_ALPHA, LORA_DEFAULT, LORA_RANK, LORA_TARGETS, PREFIX_LEN, SITES
 
 
 def _begin(model, name, **options):
-    """Freeze everything and record the strategy (json-normalised: it round-trips through a file's metadata)."""
+    """Freeze everything and record the strategy (json-normalised: it round-trips through a
+    file's metadata)."""
     if getattr(model, "strategy", None) is not None:
-        raise ValueError(f"the model is already customized with {model.strategy['name']!r}: start from a fresh base")
+        raise ValueError(
+            f"the model is already customized with {model.strategy['name']!r}: start from a fresh base"
+        )
     model.requires_grad_(False)
     model.strategy = {"name": name, "options": json.loads(json.dumps(options))}
 
@@ -36,7 +41,8 @@ def _report(model):
     return model
 
 
-def trainable_parameters(model):  # hand only these to the optimizer: frozen weights get no Adam moments
+# hand only these to the optimizer: frozen weights get no Adam moments
+def trainable_parameters(model):
     return [p for p in model.parameters() if p.requires_grad]
 
 
@@ -47,9 +53,10 @@ def custom(model):
 
 
 def leo(model, layernorm=False, logits_bias=False):
-    """Definition C (docs/checkpoints.md §10): the shared embedding (= both embed_tokens = lm_head) + both position tables.
-    `layernorm` adds both layernorm_embedding (E); `logits_bias` turns the final_logits_bias buffer into a trainable
-    Parameter (D). Both stay frozen by default (the bias is zero in every converted fairseq model)."""
+    """Definition C (docs/checkpoints.md §10): the shared embedding (= both embed_tokens =
+    lm_head) + both position tables. `layernorm` adds both layernorm_embedding (E); `logits_bias`
+    turns the final_logits_bias buffer into a trainable Parameter (D). Both stay frozen by
+    default (the bias is zero in every converted fairseq model)."""
     _begin(model, "leo", layernorm=layernorm, logits_bias=logits_bias)
     m = model.model
     lns = [m.encoder.layernorm_embedding, m.decoder.layernorm_embedding] if layernorm else []
@@ -63,33 +70,51 @@ def leo(model, layernorm=False, logits_bias=False):
 def lldb(model):
     layers = model.model.decoder.layers
     if len(layers) == 0:
-        raise ValueError("lldb trains the last decoder block, but this model has no decoder layers (decoder_layers=0)")
+        raise ValueError(
+            "lldb trains the last decoder block, but this model has no decoder layers (decoder_layers=0)"
+        )
     _begin(model, "lldb")
-    layers[-1].requires_grad_(True)  # self-attention, cross-attention, FFN and the three layer norms
+    # self-attention, cross-attention, FFN and the three layer norms
+    layers[-1].requires_grad_(True)
     return _report(model)
 
 
 class Prefix(nn.Module):
-    """{site: (n_layers, 2, H, P, head_dim)}: P keys and values per layer, already projected, which model.py puts in
-    front of each attention's keys/values (never masked, no positions). mlp_hidden > 0: Li & Liang's training-time
-    reparametrization, a (P, d) table -> Linear -> tanh -> Linear; merge() folds it into the plain table."""
+    """{site: (n_layers, 2, H, P, head_dim)}: P keys and values per layer, already projected,
+    which model.py puts in front of each attention's keys/values (never masked, no positions).
+    mlp_hidden > 0: Li & Liang's training-time reparametrization, a (P, d) table -> Linear ->
+    tanh -> Linear; merge() folds it into the plain table."""
 
     def __init__(self, config, prefix_len, sites, mlp_hidden=0):
         super().__init__()
-        L = lambda s: config.encoder_layers if s == "encoder" else config.decoder_layers
-        H = lambda s: config.encoder_attention_heads if s == "encoder" else config.decoder_attention_heads
+
+        def L(s):
+            return config.encoder_layers if s == "encoder" else config.decoder_layers
+
+        def H(s):
+            return (
+                config.encoder_attention_heads if s == "encoder" else config.decoder_attention_heads
+            )
+
         self.shapes = {s: (L(s), 2, H(s), prefix_len, config.d_model // H(s)) for s in sites}
         self.config, self.prefix_len, self.sites = config, prefix_len, tuple(sites)
         if mlp_hidden:
             self.wte = nn.Parameter(torch.randn(prefix_len, config.d_model) * 0.02)
-            n_out = sum(L * two * H * hd for L, two, H, P, hd in self.shapes.values())  # all sites' K, V of a token
-            self.mlp = nn.Sequential(nn.Linear(config.d_model, mlp_hidden), nn.Tanh(), nn.Linear(mlp_hidden, n_out))
-        else:  # small random init, used when no token ids are given (e.g. before loading a saved delta)
-            self.kv = nn.ParameterDict({s: nn.Parameter(torch.randn(sh) * 0.02) for s, sh in self.shapes.items()})
+            # all sites' K, V of a token
+            n_out = sum(L * two * H * hd for L, two, H, P, hd in self.shapes.values())
+            self.mlp = nn.Sequential(
+                nn.Linear(config.d_model, mlp_hidden), nn.Tanh(), nn.Linear(mlp_hidden, n_out)
+            )
+        # small random init, used when no token ids are given (e.g. before loading a saved delta)
+        else:
+            self.kv = nn.ParameterDict(
+                {s: nn.Parameter(torch.randn(sh) * 0.02) for s, sh in self.shapes.items()}
+            )
 
     def forward(self):
-        # A zero-length prefix is no prefix: concatenating an empty K/V changes the keys' memory layout and so the
-        # matmul's rounding (~1e-7); returning no sites keeps P = 0 bit-identical to the base model.
+        # A zero-length prefix is no prefix: concatenating an empty K/V changes the keys' memory
+        # layout and so the matmul's rounding (~1e-7); returning no sites keeps P = 0 bit-identical
+        # to the base model.
         if self.prefix_len == 0:
             return {}
         if not hasattr(self, "mlp"):
@@ -97,45 +122,61 @@ class Prefix(nn.Module):
         flat, out, start = self.mlp(self.wte), {}, 0  # (P, sum over sites of L * 2 * H * hd)
         for s, (L, two, H, P, hd) in self.shapes.items():
             n, start = L * two * H * hd, start + L * two * H * hd
-            out[s] = flat[:, start - n:start].reshape(P, L, two, H, hd).permute(1, 2, 3, 0, 4)  # -> (L, 2, H, P, hd)
+            # -> (L, 2, H, P, hd)
+            out[s] = flat[:, start - n : start].reshape(P, L, two, H, hd).permute(1, 2, 3, 0, 4)
         return out
 
 
 @torch.no_grad()
 def kv_of_tokens(model, ids):
-    """docs/checkpoints.md §7: run the ids (positions 0..P-1) through the frozen encoder and, teacher-forced on the same ids, the
-    frozen decoder; return {site: (L, 2, H, P, hd)}: encoder layer l's K/V of its input states, decoder layer l's
-    self-attention K/V, and its cross-attention K/V of the encoder's final output."""
+    """docs/checkpoints.md §7: run the ids (positions 0..P-1) through the frozen encoder and,
+    teacher-forced on the same ids, the frozen decoder; return {site: (L, 2, H, P, hd)}: encoder
+    layer l's K/V of its input states, decoder layer l's self-attention K/V, and its
+    cross-attention K/V of the encoder's final output."""
     was_training = model.training
     model.eval()  # no dropout in the copied activations
     ids = ids.to(model.model.shared.weight.device)[None]  # (1, P)
     mask = torch.ones_like(ids, dtype=torch.bool)
     encoder, decoder = model.model.encoder, model.model.decoder
-    x, enc_kv = encoder.embed(ids, mask, packed=True), []  # (P, C): the encoder layers take the real tokens packed
+    # (P, C): the encoder layers take the real tokens packed
+    x, enc_kv = encoder.embed(ids, mask, packed=True), []
     for layer in encoder.layers:
         enc_kv.append(torch.stack(layer.self_attn.project_kv(x[None])))  # (2, 1, H, P, hd)
         x = layer(x, mask)
     cache = [dict() for _ in decoder.layers]
-    decoder(ids, x[None], mask, cache=cache)  # each layer's cache receives its self K/V ("k", "v") and cross K/V
+    # each layer's cache receives its self K/V ("k", "v") and cross K/V
+    decoder(ids, x[None], mask, cache=cache)
     model.train(was_training)
-    stack = lambda kvs: torch.stack(kvs)[:, :, 0]  # (L, 2, 1, H, P, hd) -> (L, 2, H, P, hd)
-    return {"encoder": stack(enc_kv), "decoder": stack([torch.stack((c["k"], c["v"])) for c in cache]),
-            "cross": stack([torch.stack((c["ck"], c["cv"])) for c in cache])}
+
+    def stack(kvs):
+        return torch.stack(kvs)[:, :, 0]  # (L, 2, 1, H, P, hd) -> (L, 2, H, P, hd)
+
+    return {
+        "encoder": stack(enc_kv),
+        "decoder": stack([torch.stack((c["k"], c["v"])) for c in cache]),
+        "cross": stack([torch.stack((c["ck"], c["cv"])) for c in cache]),
+    }
 
 
 def prefix(model, prefix_len=PREFIX_LEN, sites=SITES, init_ids=None, mlp_hidden=0):
-    """Registers a trainable Prefix as model.prefix. All three site kinds: 36 sites on bart-large, 14,745,600
-    parameters; the paper's 24, e.g. sites=("encoder", "decoder"): 9,830,400. init_ids: the project's prefix_len
-    most frequent token ids (most_frequent_ids): their K/V from the frozen model become the prefix (with the MLP,
-    their embedding rows become its input table); None: random."""
+    """Registers a trainable Prefix as model.prefix. All three site kinds: 36 sites on
+    bart-large, 14,745,600 parameters; the paper's 24, e.g. sites=("encoder", "decoder"):
+    9,830,400. init_ids: the project's prefix_len most frequent token ids (most_frequent_ids):
+    their K/V from the frozen model become the prefix (with the MLP, their embedding rows become
+    its input table); None: random."""
     cfg, sites = model.config, tuple(sites)
     if not sites or set(sites) - set(SITES):
         raise ValueError(f"prefix sites must be a non-empty subset of {SITES}, got {sites}")
-    if not 0 <= prefix_len <= cfg.max_position_embeddings:  # the init runs the ids at positions 0..P-1
-        raise ValueError(f"prefix_len={prefix_len} is outside 0..{cfg.max_position_embeddings} (max_position_embeddings)"
-                         f"; the paper uses {PREFIX_LEN}")
+    # the init runs the ids at positions 0..P-1
+    if not 0 <= prefix_len <= cfg.max_position_embeddings:
+        raise ValueError(
+            f"prefix_len={prefix_len} is outside 0..{cfg.max_position_embeddings} (max_position_embeddings)"
+            f"; the paper uses {PREFIX_LEN}"
+        )
     if init_ids is not None and tuple(init_ids.shape) != (prefix_len,):
-        raise ValueError(f"init_ids must hold prefix_len={prefix_len} token ids (1-D), got shape {tuple(init_ids.shape)}")
+        raise ValueError(
+            f"init_ids must hold prefix_len={prefix_len} token ids (1-D), got shape {tuple(init_ids.shape)}"
+        )
     _begin(model, "prefix", prefix_len=prefix_len, sites=sites, mlp_hidden=mlp_hidden)
     w = model.model.shared.weight
     with torch.device(w.device):
@@ -147,16 +188,20 @@ def prefix(model, prefix_len=PREFIX_LEN, sites=SITES, init_ids=None, mlp_hidden=
             kv = kv_of_tokens(model, init_ids)
             for s in sites:
                 pre.kv[s].copy_(kv[s])
-    model.prefix = pre  # a submodule now: its tensors are in parameters() and state_dict() as prefix.*
+    # a submodule now: its tensors are in parameters() and state_dict() as prefix.*
+    model.prefix = pre
     if mlp_hidden:
-        print(f"prefix MLP: {sum(p.numel() for p in pre.parameters()):,} parameters while training, "
-              f"{sum(math.prod(s) for s in pre.shapes.values()):,} stored and served after merge()")
+        print(
+            f"prefix MLP: {sum(p.numel() for p in pre.parameters()):,} parameters while training, "
+            f"{sum(math.prod(s) for s in pre.shapes.values()):,} stored and served after merge()"
+        )
     return _report(model)
 
 
 def most_frequent_ids(sequences, n, exclude=()):
-    """The n most frequent token ids in `sequences` (the project's training folds), ties broken by the smaller id,
-    ids in `exclude` (special tokens: our choice, docs/checkpoints.md §7) skipped; fewer distinct ids than n: cycled to length n."""
+    """The n most frequent token ids in `sequences` (the project's training folds), ties broken
+    by the smaller id, ids in `exclude` (special tokens: our choice, docs/checkpoints.md §7)
+    skipped; fewer distinct ids than n: cycled to length n."""
     exclude = set(exclude)
     counts = Counter(t for seq in sequences for t in seq if t not in exclude)
     if not counts:
@@ -166,8 +211,8 @@ def most_frequent_ids(sequences, n, exclude=()):
 
 
 class LoRALinear(nn.Module):
-    """y = base(x) + (alpha / r) * B(A(x)), the base frozen; A Kaiming-uniform, B zero (as PEFT): training starts
-    exactly at the base model."""
+    """y = base(x) + (alpha / r) * B(A(x)), the base frozen; A Kaiming-uniform, B zero (as PEFT):
+    training starts exactly at the base model."""
 
     def __init__(self, base, r, alpha):
         super().__init__()
@@ -182,19 +227,25 @@ class LoRALinear(nn.Module):
 
 
 def lora(model, r=LORA_RANK, alpha=LORA_ALPHA, targets=LORA_DEFAULT):
-    """Wraps every nn.Linear named in `targets`: q_proj and v_proj of bart-large's 36 attentions (self and cross) at
-    r = 8 are 1,179,648 parameters, PEFT's default for BART (docs/checkpoints.md §8)."""
+    """Wraps every nn.Linear named in `targets`: q_proj and v_proj of bart-large's 36 attentions
+    (self and cross) at r = 8 are 1,179,648 parameters, PEFT's default for BART
+    (docs/checkpoints.md §8)."""
     if r < 1 or not targets or set(targets) - set(LORA_TARGETS):
-        raise ValueError(f"lora needs r >= 1 and targets among {LORA_TARGETS}, got r={r}, targets={targets}")
+        raise ValueError(
+            f"lora needs r >= 1 and targets among {LORA_TARGETS}, got r={r}, targets={targets}"
+        )
     _begin(model, "lora", r=r, alpha=alpha, targets=tuple(targets))
-    for mod, name in [(m, n) for m in model.modules() for n, c in m.named_children() if n in targets]:
+    for mod, name in [
+        (m, n) for m in model.modules() for n, c in m.named_children() if n in targets
+    ]:
         setattr(mod, name, LoRALinear(getattr(mod, name), r, alpha))
     return _report(model)
 
 
 @torch.no_grad()
 def merge(model):
-    """For inference: fold each LoRA into its base weight (W += alpha/r * B A) and a prefix MLP into its table."""
+    """For inference: fold each LoRA into its base weight (W += alpha/r * B A) and a prefix MLP
+    into its table."""
     for mod in list(model.modules()):
         for name, child in list(mod.named_children()):
             if isinstance(child, LoRALinear):
@@ -211,7 +262,8 @@ STRATEGIES = {"custom": custom, "leo": leo, "lldb": lldb, "prefix": prefix, "lor
 
 
 def apply(model, name, **options):
-    """strategies.apply(model, "prefix", prefix_len=200, init_ids=ids): the named strategy with its options."""
+    """strategies.apply(model, "prefix", prefix_len=200, init_ids=ids): the named strategy with
+    its options."""
     if name not in STRATEGIES:
         raise ValueError(f"unknown strategy {name!r}; valid strategies: {', '.join(STRATEGIES)}")
     return STRATEGIES[name](model, **options)

@@ -1,14 +1,15 @@
-"""
-The checkpoint files model.py reads (paper §2.1: AthenaTest's BART): Hugging Face directories (config.json +
-model.safetensors | pytorch_model.bin) and fairseq `.pt` checkpoints (modern and legacy layouts, `args` or `cfg`),
-mapped key for key onto model.py's HF module names, with what is refused and why (docs/checkpoints.md §1-3).
-Pickles are read with weights_only=True; nothing but argparse.Namespace is allowed unless the caller trusts the file.
+"""The checkpoint files model.py reads (paper §2.1: AthenaTest's BART): Hugging Face directories
+(config.json + model.safetensors | pytorch_model.bin) and fairseq `.pt` checkpoints (modern and
+legacy layouts, `args` or `cfg`), mapped key for key onto model.py's HF module names, with what is
+refused and why (docs/checkpoints.md §1-3). Pickles are read with weights_only=True; nothing but
+argparse.Namespace is allowed unless the caller trusts the file.
 
     from model import BART
     model = BART.from_pretrained("path/to/hf_dir_or_fairseq.pt")   # BART.from_pretrained calls read_hf_dir / read_fairseq
 
-Tests: tests/test_model.py (directories written by either side load in the other; fairseq layouts; refusals).
-"""
+Tests: tests/test_model.py (directories written by either side load in the other; fairseq
+layouts; refusals)."""
+
 import argparse
 import hashlib
 import json
@@ -21,27 +22,37 @@ from model import TIED, BARTConfig
 
 
 def _config_from_tensors(sd, path, **known):
-    """Read V, d, layer counts and position rows from the tensors; `known` (from the file's config) must agree."""
+    """Read V, d, layer counts and position rows from the tensors; `known` (from the file's
+    config) must agree."""
+
     def count(prefix):
         return len({k.split(".")[3] for k in sd if k.startswith(prefix)})
+
     if "model.shared.weight" not in sd:
         raise KeyError(f"{path}: missing tensor 'model.shared.weight' (the token embedding)")
     V, d = sd["model.shared.weight"].shape
     pos = sd.get("model.encoder.embed_positions.weight")
-    shapes = dict(vocab_size=V, d_model=d, encoder_layers=count("model.encoder.layers."),
-                  decoder_layers=count("model.decoder.layers."))
+    shapes = dict(
+        vocab_size=V,
+        d_model=d,
+        encoder_layers=count("model.encoder.layers."),
+        decoder_layers=count("model.decoder.layers."),
+    )
     if pos is not None:
         shapes["max_position_embeddings"] = pos.shape[0] - 2
     for k, v in shapes.items():
         if k in known and known[k] is not None and known[k] != v and k != "vocab_size":
             raise ValueError(f"{path}: config says {k}={known[k]} but the tensors give {v}")
     allowed = {f.name for f in fields(BARTConfig)}
-    return BARTConfig(**{k: v for k, v in {**known, **shapes}.items() if k in allowed and v is not None})
+    return BARTConfig(
+        **{k: v for k, v in {**known, **shapes}.items() if k in allowed and v is not None}
+    )
 
 
 def verify_sha256sums(path):
-    """A checkpoint folder that carries SHA256SUMS (the shipped base does; `sha256sum -c SHA256SUMS` checks it by
-    hand): every file it lists must be there with that sha256. A mismatch is an error naming the file."""
+    """A checkpoint folder that carries SHA256SUMS (the shipped base does; `sha256sum -c
+    SHA256SUMS` checks it by hand): every file it lists must be there with that sha256. A
+    mismatch is an error naming the file."""
     sums = os.path.join(path, "SHA256SUMS")
     if not os.path.isfile(sums):
         return
@@ -54,24 +65,30 @@ def verify_sha256sums(path):
         want, name = parts[0], parts[1].strip().lstrip("*")
         f = os.path.join(path, name)
         if not os.path.isfile(f):
-            raise FileNotFoundError(f"{f}: listed in {sums} but missing; restore the folder (for the shipped base: "
-                                    f"`git checkout -- {path}`)")
+            raise FileNotFoundError(
+                f"{f}: listed in {sums} but missing; restore the folder (for the shipped base: "
+                f"`git checkout -- {path}`)"
+            )
         h = hashlib.sha256()
         with open(f, "rb") as fh:
             for block in iter(lambda: fh.read(1 << 20), b""):
                 h.update(block)
         if h.hexdigest() != want:
-            raise ValueError(f"{f}: sha256 {h.hexdigest()[:16]}... is not the {want[:16]}... that {sums} records: "
-                             f"the file was changed or cut short; restore it (for the shipped base: `git checkout -- "
-                             f"{path}`) or retrain with `make base`")
+            raise ValueError(
+                f"{f}: sha256 {h.hexdigest()[:16]}... is not the {want[:16]}... that {sums} records: "
+                f"the file was changed or cut short; restore it (for the shipped base: `git checkout -- "
+                f"{path}`) or retrain with `make base`"
+            )
 
 
 def read_hf_dir(path):
     verify_sha256sums(path)
     cfg_file = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_file):
-        raise ValueError(f"{path}: not a checkpoint: an HF directory needs config.json (and model.safetensors "
-                         f"or pytorch_model.bin); a fairseq checkpoint is a .pt file")
+        raise ValueError(
+            f"{path}: not a checkpoint: an HF directory needs config.json (and model.safetensors "
+            f"or pytorch_model.bin); a fairseq checkpoint is a .pt file"
+        )
     try:
         with open(cfg_file) as f:
             hf = json.load(f)
@@ -80,41 +97,60 @@ def read_hf_dir(path):
     st, binf = os.path.join(path, "model.safetensors"), os.path.join(path, "pytorch_model.bin")
     if os.path.isfile(st):
         from safetensors.torch import load_file
+
         try:
             raw = load_file(st)
-        except Exception as e:  # safetensors raises its own error types for empty or truncated files
-            raise ValueError(f"{st}: cannot read safetensors file ({e}); is it truncated?") from None
+        # safetensors raises its own error types for empty or truncated files
+        except Exception as e:
+            raise ValueError(
+                f"{st}: cannot read safetensors file ({e}); is it truncated?"
+            ) from None
     elif os.path.isfile(binf):
         raw = _safe_torch_load(binf, trusted=False)
     else:
-        raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin next to config.json")
+        raise FileNotFoundError(
+            f"{path}: no model.safetensors or pytorch_model.bin next to config.json"
+        )
     sd = {}
     for k, v in raw.items():
-        if k.endswith(".version") or k.endswith("_float_tensor"):  # fairseq leftovers in old hub files
+        # fairseq leftovers in old hub files
+        if k.endswith(".version") or k.endswith("_float_tensor"):
             continue
-        k = k[len("model."):] if k.startswith("model.") else k
+        k = k[len("model.") :] if k.startswith("model.") else k
         sd[k if k in ("lm_head.weight", "final_logits_bias") else "model." + k] = v
     if "model.shared.weight" not in sd and "model.encoder.embed_tokens.weight" in sd:
-        sd["model.shared.weight"] = sd["model.encoder.embed_tokens.weight"]  # some files keep only the tied copy
+        # some files keep only the tied copy
+        sd["model.shared.weight"] = sd["model.encoder.embed_tokens.weight"]
     _check_tied(sd, path)
-    sd.setdefault("final_logits_bias", torch.zeros(1, sd["model.shared.weight"].shape[0]) if "model.shared.weight" in sd else None)
-    known = {f.name: hf[f.name] for f in fields(BARTConfig) if f.name in hf and f.name != "attn_impl"}
+    sd.setdefault(
+        "final_logits_bias",
+        torch.zeros(1, sd["model.shared.weight"].shape[0]) if "model.shared.weight" in sd else None,
+    )
+    known = {
+        f.name: hf[f.name] for f in fields(BARTConfig) if f.name in hf and f.name != "attn_impl"
+    }
     if hf.get("activation_function", "gelu") != "gelu":
-        raise ValueError(f"{cfg_file}: activation_function {hf['activation_function']!r} is not supported (BART uses gelu)")
+        raise ValueError(
+            f"{cfg_file}: activation_function {hf['activation_function']!r} is not supported (BART uses gelu)"
+        )
     return _config_from_tensors(sd, path, **known), sd
 
 
 def _check_tied(sd, path):
-    """Tied copies (lm_head, both embed_tokens) may be present or absent; when present they must equal shared."""
+    """Tied copies (lm_head, both embed_tokens) may be present or absent; when present they must
+    equal shared."""
     for k in TIED:
         if k in sd:
             t = sd.pop(k)
             if "model.shared.weight" in sd and not torch.equal(t, sd["model.shared.weight"]):
-                raise ValueError(f"{path}: {k!r} differs from the shared embedding; untied embeddings are not supported")
+                raise ValueError(
+                    f"{path}: {k!r} differs from the shared embedding; untied embeddings are not supported"
+                )
 
 
 def _safe_torch_load(path, trusted):
-    """torch.load with weights_only=True and argparse.Namespace allow-listed: no arbitrary code is unpickled."""
+    """torch.load with weights_only=True and argparse.Namespace allow-listed: no arbitrary code
+    is unpickled."""
     if os.path.getsize(path) == 0:
         raise ValueError(f"{path}: empty file")
     if trusted:
@@ -124,30 +160,44 @@ def _safe_torch_load(path, trusted):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         if "weights_only" in str(e) or "Unsupported global" in str(e):
-            raise ValueError(f"{path}: refusing to unpickle a non-data object ({str(e).splitlines()[0][:200]}); "
-                             f"pass trusted=True only for a file you trust") from None
-        raise ValueError(f"{path}: cannot read checkpoint ({type(e).__name__}: {str(e)[:200]}); is it truncated?") from None
+            raise ValueError(
+                f"{path}: refusing to unpickle a non-data object ({str(e).splitlines()[0][:200]}); "
+                f"pass trusted=True only for a file you trust"
+            ) from None
+        raise ValueError(
+            f"{path}: cannot read checkpoint ({type(e).__name__}: {str(e)[:200]}); is it truncated?"
+        ) from None
 
 
-FAIRSEQ_LN = {"encoder": ["self_attn_layer_norm", "final_layer_norm"],
-              "decoder": ["self_attn_layer_norm", "encoder_attn_layer_norm", "final_layer_norm"]}
+FAIRSEQ_LN = {
+    "encoder": ["self_attn_layer_norm", "final_layer_norm"],
+    "decoder": ["self_attn_layer_norm", "encoder_attn_layer_norm", "final_layer_norm"],
+}
 
 
 def read_fairseq(path, trusted):
     ckpt = _safe_torch_load(path, trusted)
     if not isinstance(ckpt, dict) or "model" not in ckpt:
-        raise ValueError(f"{path}: unknown checkpoint format: expected a fairseq checkpoint (a dict with 'model' "
-                         f"and 'args' or 'cfg') or an HF directory")
+        raise ValueError(
+            f"{path}: unknown checkpoint format: expected a fairseq checkpoint (a dict with 'model' "
+            f"and 'args' or 'cfg') or an HF directory"
+        )
     args = ckpt.get("args")
     if args is None and isinstance(ckpt.get("cfg"), dict):
-        args = ckpt["cfg"].get("model")  # new checkpoints: cfg['model'] is a dict (or a Namespace for legacy archs)
+        # new checkpoints: cfg['model'] is a dict (or a Namespace for legacy archs)
+        args = ckpt["cfg"].get("model")
     a = vars(args) if isinstance(args, argparse.Namespace) else dict(args or {})
     sd = {}
     for k, v in ckpt["model"].items():
-        if k.endswith(".version") or k.endswith("_float_tensor") or k.startswith("classification_heads."):
+        if (
+            k.endswith(".version")
+            or k.endswith("_float_tensor")
+            or k.startswith("classification_heads.")
+        ):
             continue
         if k == "decoder.output_projection.weight":
-            sd["lm_head.weight"] = v  # tied (fairseq >= 0.10 stores it); checked against shared below
+            # tied (fairseq >= 0.10 stores it); checked against shared below
+            sd["lm_head.weight"] = v
             continue
         if ".in_proj_" in k:  # legacy fused q, k, v projection: split into thirds in that order
             stem, kind = k.split(".in_proj_")
@@ -158,16 +208,28 @@ def read_fairseq(path, trusted):
             stem, rest = k.split(".layer_norms.")
             idx, kind = rest.split(".")
             k = f"{stem}.{FAIRSEQ_LN[stem.split('.')[0]][int(idx)]}.{kind}"
-        sd["model." + k.replace("encoder.embed_tokens", "shared") if k.startswith("encoder.embed_tokens") else "model." + k] = v
+        sd[
+            "model." + k.replace("encoder.embed_tokens", "shared")
+            if k.startswith("encoder.embed_tokens")
+            else "model." + k
+        ] = v
     _check_tied(sd, path)
-    sd["final_logits_bias"] = torch.zeros(1, sd["model.shared.weight"].shape[0]) if "model.shared.weight" in sd else None
-    known = dict(d_model=a.get("encoder_embed_dim"), encoder_layers=a.get("encoder_layers"),
-                 decoder_layers=a.get("decoder_layers"), encoder_attention_heads=a.get("encoder_attention_heads"),
-                 decoder_attention_heads=a.get("decoder_attention_heads"),
-                 encoder_ffn_dim=a.get("encoder_ffn_embed_dim"), decoder_ffn_dim=a.get("decoder_ffn_embed_dim"),
-                 scale_embedding=not a.get("no_scale_embedding", True),
-                 dropout=a.get("dropout"), attention_dropout=a.get("attention_dropout"),
-                 activation_dropout=a.get("activation_dropout"))
+    sd["final_logits_bias"] = (
+        torch.zeros(1, sd["model.shared.weight"].shape[0]) if "model.shared.weight" in sd else None
+    )
+    known = dict(
+        d_model=a.get("encoder_embed_dim"),
+        encoder_layers=a.get("encoder_layers"),
+        decoder_layers=a.get("decoder_layers"),
+        encoder_attention_heads=a.get("encoder_attention_heads"),
+        decoder_attention_heads=a.get("decoder_attention_heads"),
+        encoder_ffn_dim=a.get("encoder_ffn_embed_dim"),
+        decoder_ffn_dim=a.get("decoder_ffn_embed_dim"),
+        scale_embedding=not a.get("no_scale_embedding", True),
+        dropout=a.get("dropout"),
+        attention_dropout=a.get("attention_dropout"),
+        activation_dropout=a.get("activation_dropout"),
+    )
     if a.get("encoder_normalize_before") or a.get("decoder_normalize_before"):
         raise ValueError(f"{path}: a pre-LN (normalize_before) model is not BART; not supported")
     return _config_from_tensors(sd, path, **known), sd

@@ -1,16 +1,16 @@
-"""
-This machine's matmul peak in fp32 and bf16, and what a base training step reaches against it (MFU), per preset and
-dtype: the figures behind train.py's MFU column and the choice of --dtype (paper §3.4 counts compute in PF-s; this
-says how fast this CPU turns it out).
+"""This machine's matmul peak in fp32 and bf16, and what a base training step reaches against it
+(MFU), per preset and dtype: the figures behind train.py's MFU column and the choice of --dtype
+(paper §3.4 counts compute in PF-s; this says how fast this CPU turns it out).
 
-    python bench/bench_peak.py [--steps 8] [--presets tiny small]          (part of make bench)
+python bench/bench_peak.py [--steps 8] [--presets tiny small]          (part of make bench)
 
-Peak: the best of several timings of a 2048^3 matmul (train.measure_peak, what train.py divides by), and, to show
-how shape-dependent it is, the best over a few of the model's own GEMM shapes. A step: forward, backward, gradient
-clipping and AdamW on a batch of 16 pairs of 128-token sources and targets (the base's lengths), the model in
-train mode; FLOPs: flops.step_flops's exact count (matmuls only; flops.py states the convention). bf16 is autocast
-with fp32 master weights, as train.py runs it. Run it alone: another process on the cores lowers every number.
-"""
+Peak: the best of several timings of a 2048^3 matmul (train.measure_peak, what train.py divides
+by), and, to show how shape-dependent it is, the best over a few of the model's own GEMM shapes.
+A step: forward, backward, gradient clipping and AdamW on a batch of 16 pairs of 128-token
+sources and targets (the base's lengths), the model in train mode; FLOPs: flops.step_flops's
+exact count (matmuls only; flops.py states the convention). bf16 is autocast with fp32 master
+weights, as train.py runs it. Run it alone: another process on the cores lowers every number."""
+
 import argparse
 import os
 import platform
@@ -53,7 +53,9 @@ def step_rate(preset, dtype, steps, batch=16, length=128):
     V = config.vocab_size
     src = [[0] + torch.randint(4, V, (length - 2,)).tolist() + [2] for _ in range(batch)]
     tgt = [[0] + torch.randint(4, V, (length - 2,)).tolist() + [2] for _ in range(batch)]
-    step_flops = flops.step_flops(config, "custom", [len(s) for s in src], [len(t) - 1 for t in tgt])
+    step_flops = flops.step_flops(
+        config, "custom", [len(s) for s in src], [len(t) - 1 for t in tgt]
+    )
     batch_tensors = train.collate(src, tgt, "cpu")
     times = []
     for i in range(steps + 2):
@@ -74,25 +76,41 @@ def main():
     ap.add_argument("--presets", nargs="+", default=["tiny", "small"])
     a = ap.parse_args()
     dtypes = ["fp32", "bf16"] if train.native_bf16(False) else ["fp32"]
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
-    print(f"# {cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}; native bf16: "
-          f"{train.native_bf16(False)}")
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in open("/proc/cpuinfo")
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    print(
+        f"# {cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}; native bf16: "
+        f"{train.native_bf16(False)}"
+    )
     shapes = [(2048, 384, 1536), (2048, 1536, 384), (2048, 384, 384), (2048, 256, 1024)]
     peaks = {}
-    print("\n| dtype | peak: 2048^3 matmul (train.py's) | best over the model's GEMM shapes |\n|---|---|---|")
+    print(
+        "\n| dtype | peak: 2048^3 matmul (train.py's) | best over the model's GEMM shapes |\n|---|---|---|"
+    )
     for dtype in dtypes:
         peaks[dtype] = train.measure_peak("cpu", dtype)
-        print(f"| {dtype} | {peaks[dtype] / 1e9:.0f} GFLOP/s | {gemm_peak(dtype, shapes) / 1e9:.0f} GFLOP/s |")
-    print("\n| preset | parameters | dtype | step GFLOP/s | MFU (vs the 2048^3 peak of its dtype) | vs fp32 step |"
-          "\n|---|---|---|---|---|---|")
+        print(
+            f"| {dtype} | {peaks[dtype] / 1e9:.0f} GFLOP/s | {gemm_peak(dtype, shapes) / 1e9:.0f} GFLOP/s |"
+        )
+    print(
+        "\n| preset | parameters | dtype | step GFLOP/s | MFU (vs the 2048^3 peak of its dtype) | vs fp32 step |"
+        "\n|---|---|---|---|---|---|"
+    )
     for preset in a.presets:
         base_rate = None
         for dtype in dtypes:
             rate, n = step_rate(preset, dtype, a.steps)
             base_rate = base_rate or rate
-            print(f"| {preset} | {n / 1e6:.1f}M | {dtype} | {rate / 1e9:.0f} | {rate / peaks[dtype]:.1%} | "
-                  f"{rate / base_rate:.2f}x |")
+            print(
+                f"| {preset} | {n / 1e6:.1f}M | {dtype} | {rate / 1e9:.0f} | {rate / peaks[dtype]:.1%} | "
+                f"{rate / base_rate:.2f}x |"
+            )
 
 
 if __name__ == "__main__":

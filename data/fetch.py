@@ -15,6 +15,7 @@ The upstream .orig tarball is checked against the .dsc's Checksums-Sha256 and on
 Debian patches). Everything is idempotent and resumable: unpacked trees go to a temporary folder that is
 renamed into place and then stamped; every output file is written to a temporary name and renamed.
 """
+
 import argparse
 import fcntl
 import hashlib
@@ -36,32 +37,53 @@ def project_row(name):
         if name in (row["name"], row["debian_source"]):
             return row
     known = ", ".join(r["name"] for r in read_projects())
-    raise SystemExit(f"unknown project {name!r}: not in {PROJECTS_TSV} (known: {known}); "
-                     "for your own checkout pass its path instead")
+    raise SystemExit(
+        f"unknown project {name!r}: not in {PROJECTS_TSV} (known: {known}); "
+        "for your own checkout pass its path instead"
+    )
 
 
 # ---- Debian source packages through a private apt configuration ----
 
+
 def deb_src(text, deb822):
-    """deb-src entries for the Debian `deb` entries of one sources file (deb822 stanzas or one-line format)."""
+    """deb-src entries for the Debian `deb` entries of one sources file (deb822 stanzas or
+    one-line format)."""
     if deb822:  # blank-line separated stanzas: copy each, Types: deb -> Types: deb-src
-        return [re.sub(r"^Types:.*$", "Types: deb-src", st.strip(), flags=re.M) for st in re.split(r"\n\s*\n", text)
-                if re.search(r"^Types:.*\bdeb\b", st, re.M) and "debian" in st
-                and not re.search(r"^Enabled:\s*no", st, re.M | re.I)]
-    return ["deb-src " + l.strip()[4:] for l in text.splitlines() if l.strip().startswith("deb ") and "debian" in l]
+        return [
+            re.sub(r"^Types:.*$", "Types: deb-src", st.strip(), flags=re.M)
+            for st in re.split(r"\n\s*\n", text)
+            if re.search(r"^Types:.*\bdeb\b", st, re.M)
+            and "debian" in st
+            and not re.search(r"^Enabled:\s*no", st, re.M | re.I)
+        ]
+    return [
+        "deb-src " + l.strip()[4:]
+        for l in text.splitlines()
+        if l.strip().startswith("deb ") and "debian" in l
+    ]
 
 
 def _system_deb_src():
-    """(deb822 stanzas, one-line entries) derived from the system's configured sources; /etc/apt is only read."""
-    out = subprocess.run(["apt-config", "shell", "L", "Dir::Etc::sourcelist/f", "P", "Dir::Etc::sourceparts/d"],
-                         capture_output=True, text=True, check=True).stdout
+    """(deb822 stanzas, one-line entries) derived from the system's configured sources; /etc/apt
+    is only read."""
+    out = subprocess.run(
+        ["apt-config", "shell", "L", "Dir::Etc::sourcelist/f", "P", "Dir::Etc::sourceparts/d"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     paths = dict(re.findall(r"(\w)='([^']*)'", out))
     parts = Path(paths["P"])
     lists = [Path(paths["L"])] + sorted(parts.glob("*.list"))
-    stanzas = [st for f in sorted(parts.glob("*.sources")) for st in deb_src(f.read_text(), deb822=True)]
+    stanzas = [
+        st for f in sorted(parts.glob("*.sources")) for st in deb_src(f.read_text(), deb822=True)
+    ]
     lines = [l for f in lists if f.is_file() for l in deb_src(f.read_text(), deb822=False)]
     if not stanzas and not lines:
-        raise SystemExit("no Debian apt sources configured on this system: cannot fetch Debian source packages")
+        raise SystemExit(
+            "no Debian apt sources configured on this system: cannot fetch Debian source packages"
+        )
     return stanzas, lines
 
 
@@ -75,16 +97,23 @@ def apt_env(cache=CACHE):
         stanzas, lines = _system_deb_src()
         _write(root / "etc/sources.list.d/derived.sources", "\n\n".join(stanzas) + "\n")
         _write(root / "etc/sources.list", "\n".join(lines) + "\n")
-        _write(conf, f'Dir::Etc::SourceList "{root}/etc/sources.list";\n'
-                     f'Dir::Etc::SourceParts "{root}/etc/sources.list.d";\n'
-                     f'Dir::State::Lists "{root}/lists";\nDir::Cache "{root}";\n'
-                     'APT::Sandbox::User "root";\n')  # the download folders belong to us, not to _apt
+        _write(
+            conf,
+            f'Dir::Etc::SourceList "{root}/etc/sources.list";\n'
+            f'Dir::Etc::SourceParts "{root}/etc/sources.list.d";\n'
+            f'Dir::State::Lists "{root}/lists";\nDir::Cache "{root}";\n'
+            # the download folders belong to us, not to _apt
+            'APT::Sandbox::User "root";\n',
+        )
     env = dict(os.environ, APT_CONFIG=str(conf))
-    with open(root / "update.lock", "w") as lock:  # `make -j`: one update, the other fetches wait for it
+    # `make -j`: one update, the other fetches wait for it
+    with open(root / "update.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not any((root / "lists").glob("*Sources*")):
             print("apt-get update (private configuration)", flush=True)
-            subprocess.run(["apt-get", "update", "-q"], env=env, check=True, stdout=subprocess.DEVNULL)
+            subprocess.run(
+                ["apt-get", "update", "-q"], env=env, check=True, stdout=subprocess.DEVNULL
+            )
     return env
 
 
@@ -101,12 +130,20 @@ def fetch_debian(row, dest, cache=CACHE):
     upstream = version.split(":")[-1].rsplit("-", 1)[0]  # 1:4.1.48-7+deb12u2 -> 4.1.48
     origs = sorted(dl.glob(f"{src}_{upstream}.orig*.tar.*"))
     if not origs or not list(dl.glob("*.dsc")):
-        # apt-get exits non-zero if ANY file of the source package fails; we judge by the checksummed tarball
-        r = subprocess.run(["apt-get", "source", "--download-only", "-q", f"{src}={version}"],
-                           cwd=dl, env=apt_env(cache), capture_output=True, text=True)
+        # apt-get exits non-zero if ANY file of the source package fails; we judge by the
+        # checksummed tarball
+        r = subprocess.run(
+            ["apt-get", "source", "--download-only", "-q", f"{src}={version}"],
+            cwd=dl,
+            env=apt_env(cache),
+            capture_output=True,
+            text=True,
+        )
         origs = sorted(dl.glob(f"{src}_{upstream}.orig*.tar.*"))
         if not origs:
-            raise SystemExit(f"{row['name']}: apt-get source {src}={version} gave no upstream tarball:\n{r.stderr[-800:]}")
+            raise SystemExit(
+                f"{row['name']}: apt-get source {src}={version} gave no upstream tarball:\n{r.stderr[-800:]}"
+            )
     sums = {}
     for dsc in dl.glob(f"{src}_*.dsc"):
         sums.update(_dsc_sha256(dsc))
@@ -115,8 +152,11 @@ def fetch_debian(row, dest, cache=CACHE):
     for tb in origs:
         digest = hashlib.sha256(tb.read_bytes()).hexdigest()
         if sums.get(tb.name) != digest:
-            tb.unlink()  # a corrupt or unlisted download is removed so the next run fetches it again
-            raise SystemExit(f"{row['name']}: {tb.name} does not match the .dsc's Checksums-Sha256; removed it")
+            # a corrupt or unlisted download is removed so the next run fetches it again
+            tb.unlink()
+            raise SystemExit(
+                f"{row['name']}: {tb.name} does not match the .dsc's Checksums-Sha256; removed it"
+            )
         comp = re.search(r"\.orig-([\w.-]+)\.tar\.", tb.name)
         _untar(tb, tmp / comp.group(1) if comp else tmp)
     tmp.rename(dest)
@@ -134,13 +174,19 @@ def _untar(tarball, into):
             if not parts or ".." in parts or m.name.startswith("/"):
                 continue
             m.name = "/".join(parts)
-            tf.extract(m, into, filter="data") if hasattr(tarfile, "data_filter") else tf.extract(m, into)
+            tf.extract(m, into, filter="data") if hasattr(tarfile, "data_filter") else tf.extract(
+                m, into
+            )
 
 
 def fetch_git(row, dest):
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    cmd = ["git", "clone", "--depth", "1"] + (["--branch", row["git_tag"]] if row["git_tag"] else []) + [row["git_url"], str(tmp)]
+    cmd = (
+        ["git", "clone", "--depth", "1"]
+        + (["--branch", row["git_tag"]] if row["git_tag"] else [])
+        + [row["git_url"], str(tmp)]
+    )
     if subprocess.run(cmd).returncode != 0:
         shutil.rmtree(tmp, ignore_errors=True)
         raise SystemExit(f"{row['name']}: {' '.join(cmd)} failed")
@@ -149,7 +195,11 @@ def fetch_git(row, dest):
 
 def _source(row):
     """What a project's stamp (and its corpus counts) record: the exact source that was fetched."""
-    return f"{row['debian_source']}={row['version']}" if row["debian_source"] else f"{row['git_url']}@{row['git_tag']}"
+    return (
+        f"{row['debian_source']}={row['version']}"
+        if row["debian_source"]
+        else f"{row['git_url']}@{row['git_tag']}"
+    )
 
 
 def fetch(row, cache=CACHE):
@@ -175,7 +225,11 @@ def _write(path, text):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("projects", nargs="*", help="names from data/projects.tsv or paths of local checkouts (default: all)")
+    ap.add_argument(
+        "projects",
+        nargs="*",
+        help="names from data/projects.tsv or paths of local checkouts (default: all)",
+    )
     ap.add_argument("--role", choices=["base", "target"], help="only the projects with this role")
     ap.add_argument("--cache", default=str(CACHE))
     ap.add_argument("--no-mine", action="store_true", help="fetch and unpack only")
@@ -194,12 +248,20 @@ def main():
         else:
             row = project_row(name)
             src, source = fetch(row, cache), _source(row)
-            url = f"debian-source:{row['debian_source']}={row['version']}" if row["debian_source"] else row["git_url"]
+            url = (
+                f"debian-source:{row['debian_source']}={row['version']}"
+                if row["debian_source"]
+                else row["git_url"]
+            )
         if args.no_mine:
             continue
-        from data.mine import MiningError, format_counts, mine_to_jsonl  # here: fetching alone needs no parser
+        # here: fetching alone needs no parser
+        from data.mine import MiningError, format_counts, mine_to_jsonl
+
         out, counts_file = cache / "corpus" / f"{name}.jsonl", cache / "corpus" / f"{name}.counts"
-        counts = json.loads(counts_file.read_text()) if counts_file.exists() and out.exists() else {}
+        counts = (
+            json.loads(counts_file.read_text()) if counts_file.exists() and out.exists() else {}
+        )
         if local or counts.get("source") != source:  # not mined yet, or from another version
             t = time.time()
             try:
@@ -213,12 +275,30 @@ def main():
         print(f"{name}: {format_counts(counts)}", flush=True)
         summary.append((name, counts))
     if summary:  # the table covers every project mined so far, not only this run's
-        summary = [(p.stem, json.loads(p.read_text())) for p in sorted((cache / "corpus").glob("*.counts"))]
-        keys = ["files", "test_files", "test_classes", "by_path", "by_name", "test_cases", "name_match", "unique_call",
-                "duplicates", "pairs", "unparsed", "seconds"]
-        rows = ["project\t" + "\t".join(keys)] + [n + "\t" + "\t".join(str(c.get(k, "")) for k in keys) for n, c in summary]
+        summary = [
+            (p.stem, json.loads(p.read_text())) for p in sorted((cache / "corpus").glob("*.counts"))
+        ]
+        keys = [
+            "files",
+            "test_files",
+            "test_classes",
+            "by_path",
+            "by_name",
+            "test_cases",
+            "name_match",
+            "unique_call",
+            "duplicates",
+            "pairs",
+            "unparsed",
+            "seconds",
+        ]
+        rows = ["project\t" + "\t".join(keys)] + [
+            n + "\t" + "\t".join(str(c.get(k, "")) for k in keys) for n, c in summary
+        ]
         _write(cache / "corpus" / "summary.tsv", "\n".join(rows) + "\n")
-        print(f"summary: {cache / 'corpus' / 'summary.tsv'}; total pairs {sum(c['pairs'] for _, c in summary)}")
+        print(
+            f"summary: {cache / 'corpus' / 'summary.tsv'}; total pairs {sum(c['pairs'] for _, c in summary)}"
+        )
     if failed:
         raise SystemExit(f"mining failed for {', '.join(failed)}")
 

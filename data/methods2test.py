@@ -1,6 +1,6 @@
 """Read the published methods2test dataset or corpus JSON into our records (§3.1 Dataset).
 
-    python -m data.methods2test PATH --out FILE.jsonl [--repo REPO_ID]
+python -m data.methods2test PATH --out FILE.jsonl [--repo REPO_ID]
 
 For a user who has the real data (github.com/microsoft/methods2test; its files are Git LFS objects, which we
 could not inspect, see ../docs/methods2test.md §6-§7). Two layouts are read, from a folder or straight from a
@@ -13,6 +13,7 @@ could not inspect, see ../docs/methods2test.md §6-§7). Two layouts are read, f
 The layout is told apart per file by its keys. Identical (src, tgt) pairs of one repository are kept once, as
 the miner does. Our `project` is the repository's repo_id (a string).
 """
+
 import argparse
 import json
 import tarfile
@@ -24,7 +25,8 @@ LEVELS = ["src_fm", "src_fm_fc", "src_fm_fc_co", "src_fm_fc_ms", "src_fm_fc_ms_f
 
 
 def _json_files(path):
-    """(name, parsed JSON) for every .json file under a folder or inside a tar archive, in name order."""
+    """(name, parsed JSON) for every .json file under a folder or inside a tar archive, in name
+    order."""
     p = Path(path)
     if p.is_dir():
         for f in sorted(p.rglob("*.json")):
@@ -37,16 +39,27 @@ def _json_files(path):
     elif p.is_file() and p.suffix == ".json":
         yield p.name, json.loads(p.read_text(encoding="utf-8"))
     else:
-        raise FileNotFoundError(f"{path}: not a folder, .json file or tar archive of methods2test JSON")
+        raise FileNotFoundError(
+            f"{path}: not a folder, .json file or tar archive of methods2test JSON"
+        )
 
 
 def from_dataset(name, d):
     from data.mine import corpus_strings  # the same builder as our own records
+
     strings = corpus_strings(d["focal_class"], d["focal_method"])
     project = str(d["repository"].get("repo_id", Path(name).parent.name))
-    return {"id": Path(name).stem, "project": project, "src": strings["src_fm_fc_ms_ff"],
-            "tgt": collapse(d["test_case"]["body"]), **strings,
-            **{k: d[k] for k in ("focal_class", "focal_method", "test_class", "test_case", "repository")}}
+    return {
+        "id": Path(name).stem,
+        "project": project,
+        "src": strings["src_fm_fc_ms_ff"],
+        "tgt": collapse(d["test_case"]["body"]),
+        **strings,
+        **{
+            k: d[k]
+            for k in ("focal_class", "focal_method", "test_class", "test_case", "repository")
+        },
+    }
 
 
 def from_corpus(name, d):
@@ -55,8 +68,13 @@ def from_corpus(name, d):
     missing = [k for k in LEVELS if k not in d]
     if missing:
         raise ValueError(f"{name}: corpus record without {missing}")
-    return {"id": stem, "project": project, "src": collapse(d["src_fm_fc_ms_ff"]), "tgt": collapse(d["target"]),
-            **{k: collapse(d[k]) for k in LEVELS}}
+    return {
+        "id": stem,
+        "project": project,
+        "src": collapse(d["src_fm_fc_ms_ff"]),
+        "tgt": collapse(d["target"]),
+        **{k: collapse(d[k]) for k in LEVELS},
+    }
 
 
 def read_methods2test(path, repo=None):
@@ -68,7 +86,9 @@ def read_methods2test(path, repo=None):
         elif "target" in d:
             r = from_corpus(name, d)
         else:
-            raise ValueError(f"{name}: neither a methods2test dataset record nor a corpus record (keys {sorted(d)})")
+            raise ValueError(
+                f"{name}: neither a methods2test dataset record nor a corpus record (keys {sorted(d)})"
+            )
         if repo is not None and r["project"] != str(repo):
             continue
         key = (r["project"], r["src"], r["tgt"])
@@ -76,12 +96,16 @@ def read_methods2test(path, repo=None):
             seen.add(key)
             out.append(r)
     if not out:
-        raise ValueError(f"{path}: no methods2test records" + (f" of repository {repo}" if repo else ""))
+        raise ValueError(
+            f"{path}: no methods2test records" + (f" of repository {repo}" if repo else "")
+        )
     return out
 
 
 def main():
-    ap = argparse.ArgumentParser(description="Convert methods2test dataset/corpus JSON to our JSONL records.")
+    ap = argparse.ArgumentParser(
+        description="Convert methods2test dataset/corpus JSON to our JSONL records."
+    )
     ap.add_argument("path", help="folder, .json file or .tar(.bz2) archive")
     ap.add_argument("--out", required=True)
     ap.add_argument("--repo", help="keep only this repo_id")
@@ -93,7 +117,9 @@ def main():
         for r in records:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
     tmp.replace(out)
-    print(f"{len(records)} records from {len({r['project'] for r in records})} repositories -> {out}")
+    print(
+        f"{len(records)} records from {len({r['project'] for r in records})} repositories -> {out}"
+    )
 
 
 if __name__ == "__main__":

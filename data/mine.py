@@ -1,6 +1,6 @@
 """Mine focal-method <-> test-case pairs from a Java source tree, methods2test's way (§3.1 Dataset).
 
-    python -m data.mine DIR --project NAME --out FILE.jsonl [--strict]
+python -m data.mine DIR --project NAME --out FILE.jsonl [--strict]
 
 Rules: ../docs/methods2test.md §2-§7; our deviations (§9), all on by default, `--strict` turns 1 and 2 off:
   1. paths get a leading "/" before the path rule, so a root-level Maven layout (src/test -> src/main) maps;
@@ -12,6 +12,7 @@ One record per mapped test case (../docs/design.md "Record"): id, project, src (
 src_* strings, and methods2test's focal_class / focal_method / test_class / test_case / repository.
 Identical (src, tgt) pairs within the project are kept once.
 """
+
 import argparse
 import json
 import os
@@ -23,11 +24,13 @@ from data.java import collapse, invocations, parse_java
 
 
 class MiningError(ValueError):
-    """Input that cannot be mined at all (missing folder, no Java, no tests): the message names it."""
+    """Input that cannot be mined at all (missing folder, no Java, no tests): the message names
+    it."""
 
 
 def read_tree(root):
-    """{relative path: bytes} of every .java file under root (sorted), plus a list of files that failed to read."""
+    """{relative path: bytes} of every .java file under root (sorted), plus a list of files that
+    failed to read."""
     root = Path(root)
     if not root.is_dir():
         raise MiningError(f"{root}: no such folder")
@@ -42,7 +45,10 @@ def read_tree(root):
                 except OSError as e:  # broken link, permission, a fifo: name it and go on
                     unreadable.append(f"{p}: {e.strerror or e}")
     if not files:
-        raise MiningError(f"{root}: no readable .java files" + (f" ({len(unreadable)} unreadable)" if unreadable else ""))
+        raise MiningError(
+            f"{root}: no readable .java files"
+            + (f" ({len(unreadable)} unreadable)" if unreadable else "")
+        )
     return files, unreadable
 
 
@@ -53,7 +59,8 @@ def path_key(path, anchored):
 
 
 def focal_name(stem):
-    """Class name a test file is named after: FooTest(s), FooTestCase(s), FooIT, TestFoo -> Foo (else None)."""
+    """Class name a test file is named after: FooTest(s), FooTestCase(s), FooIT, TestFoo -> Foo
+    (else None)."""
     for suffix in ("Tests", "TestCases", "TestCase", "Test", "IT"):
         if stem.endswith(suffix) and len(stem) > len(suffix):
             return stem[: -len(suffix)]
@@ -61,7 +68,8 @@ def focal_name(stem):
 
 
 def find_focal_file(test_path, test_bytes, by_key, by_name, strict):
-    """(focal path, rule) for one test file, or (None, None). by_key: path-rule keys; by_name: file name -> paths."""
+    """(focal path, rule) for one test file, or (None, None). by_key: path-rule keys; by_name:
+    file name -> paths."""
     hit = by_key.get(path_key(test_path, anchored=not strict))
     if hit or strict:
         return hit, "path" if hit else None
@@ -76,7 +84,11 @@ def find_focal_file(test_path, test_bytes, by_key, by_name, strict):
             return p, "name"
     pkg = re.search(rb"^\s*package\s+([\w.]+)\s*;", test_bytes, re.M)
     if pkg:  # several files of that name: the one in the test's own package, if unique
-        in_pkg = [p for p in same if p.endswith("/" + pkg.group(1).decode().replace(".", "/") + f"/{name}.java")]
+        in_pkg = [
+            p
+            for p in same
+            if p.endswith("/" + pkg.group(1).decode().replace(".", "/") + f"/{name}.java")
+        ]
         if len(in_pkg) == 1:
             return in_pkg[0], "name"
     return None, None
@@ -89,7 +101,8 @@ def find_focal_method(test, focal_classes):
         for m in c["methods"]:
             if not m["testcase"]:
                 first.setdefault(m["identifier"].lower(), (c, m))
-    name = test["identifier"].lower().replace("test", "")  # testFoo in FooTest -> "foo" -> the constructor
+    # testFoo in FooTest -> "foo" -> the constructor
+    name = test["identifier"].lower().replace("test", "")
     if name in first:
         return (*first[name], "name_match")
     called = {n.lower() for n in invocations(test)} & first.keys()
@@ -99,41 +112,73 @@ def find_focal_method(test, focal_classes):
 
 
 def corpus_strings(fc, fm):
-    """The five focal-context levels (../docs/methods2test.md §7): one-line pseudo-class `Name { FM [CO] [MS] [FF] }`."""
+    """The five focal-context levels (../docs/methods2test.md §7): one-line pseudo-class `Name {
+    FM [CO] [MS] [FF] }`."""
     fm_s = collapse(fm["body"])
     co = [collapse(m["full_signature"]) + ";" for m in fc["methods"] if m["constructor"]]
-    ms = [collapse(m["full_signature"]) + ";" for m in fc["methods"] if not m["constructor"] and "public" in m["modifiers"]]
+    ms = [
+        collapse(m["full_signature"]) + ";"
+        for m in fc["methods"]
+        if not m["constructor"] and "public" in m["modifiers"]
+    ]
     ff = [collapse(f["original_string"]) for f in fc["fields"] if "public" in f["modifier"]]
-    wrap = lambda *parts: " ".join([fc["identifier"], "{", fm_s, *[p for part in parts for p in part], "}"])
-    return {"src_fm": fm_s, "src_fm_fc": wrap(), "src_fm_fc_co": wrap(co), "src_fm_fc_ms": wrap(co, ms),
-            "src_fm_fc_ms_ff": wrap(co, ms, ff)}
+
+    def wrap(*parts):
+        return " ".join([fc["identifier"], "{", fm_s, *[p for part in parts for p in part], "}"])
+
+    return {
+        "src_fm": fm_s,
+        "src_fm_fc": wrap(),
+        "src_fm_fc_co": wrap(co),
+        "src_fm_fc_ms": wrap(co, ms),
+        "src_fm_fc_ms_ff": wrap(co, ms, ff),
+    }
 
 
 def _export(m, full):
-    """A method dict as methods2test stores it: with body and invocations (full) or without (class listing)."""
+    """A method dict as methods2test stores it: with body and invocations (full) or without
+    (class listing)."""
     d = {k: v for k, v in m.items() if not k.startswith("_") and (full or k != "body")}
     return {**d, "invocations": invocations(m)} if full else d
 
 
 def mine(root, project, url=None, strict=False, warn=print):
-    """All records of one Java tree, and the counts of the run. Raises MiningError on unusable input."""
+    """All records of one Java tree, and the counts of the run. Raises MiningError on unusable
+    input."""
     files, unreadable = read_tree(root)
     tests = [p for p, b in files.items() if b"@Test" in b]
     if not tests:
-        raise MiningError(f"{root}: {len(files)} .java files but none contains @Test (no JUnit/TestNG tests)")
+        raise MiningError(
+            f"{root}: {len(files)} .java files but none contains @Test (no JUnit/TestNG tests)"
+        )
     test_set = set(tests)
     focal = [p for p in files if p not in test_set and "src/test" not in p]
     by_key, by_name = {}, {}
     for p in focal:
-        # candidates are only lower-cased: a focal path that contains "test" (Attestation.java) is unreachable
-        by_key.setdefault(("/" + p if not strict else p).lower(), p)  # first match wins, as the released script
+        # candidates are only lower-cased: a focal path that contains "test" (Attestation.java) is
+        # unreachable first match wins, as the released script
+        by_key.setdefault(("/" + p if not strict else p).lower(), p)
         by_name.setdefault(p.rsplit("/", 1)[-1], []).append(p)
-    counts = dict(files=len(files), test_files=len(tests), test_classes=0, mapped_classes=0, by_path=0, by_name=0,
-                  test_cases=0, name_match=0, unique_call=0, pairs=0, duplicates=0, unparsed=0, unreadable=len(unreadable))
+    counts = dict(
+        files=len(files),
+        test_files=len(tests),
+        test_classes=0,
+        mapped_classes=0,
+        by_path=0,
+        by_name=0,
+        test_cases=0,
+        name_match=0,
+        unique_call=0,
+        pairs=0,
+        duplicates=0,
+        unparsed=0,
+        unreadable=len(unreadable),
+    )
     repository = {"repo_id": project, "url": url or f"file:{Path(root).resolve()}"}
     parsed, unparsed, records, seen = {}, list(unreadable), [], set()
 
-    def parse(path):  # parse each file once; a tree with syntax errors is skipped (its spans are unreliable)
+    # parse each file once; a tree with syntax errors is skipped (its spans are unreliable)
+    def parse(path):
         if path not in parsed:
             classes, err = parse_java(files[path])
             parsed[path] = None if err else classes
@@ -166,26 +211,43 @@ def mine(root, project, url=None, strict=False, warn=print):
                     counts["duplicates"] += 1
                     continue
                 seen.add((strings["src_fm_fc_ms_ff"], tgt))
-                records.append({
-                    "id": f"{project}_{len(records)}", "project": project,
-                    "src": strings["src_fm_fc_ms_ff"], "tgt": tgt, **strings,
-                    "test_class": {**{k: v for k, v in tc.items() if k != "methods"}, "file": tp},
-                    "test_case": _export(test, full=True),
-                    "focal_class": {**{k: v for k, v in fc.items() if k != "methods"},
-                                    "methods": [_export(m, full=False) for m in fc["methods"]], "file": fp},
-                    "focal_method": _export(fm, full=True),
-                    "repository": repository,
-                })
+                records.append(
+                    {
+                        "id": f"{project}_{len(records)}",
+                        "project": project,
+                        "src": strings["src_fm_fc_ms_ff"],
+                        "tgt": tgt,
+                        **strings,
+                        "test_class": {
+                            **{k: v for k, v in tc.items() if k != "methods"},
+                            "file": tp,
+                        },
+                        "test_case": _export(test, full=True),
+                        "focal_class": {
+                            **{k: v for k, v in fc.items() if k != "methods"},
+                            "methods": [_export(m, full=False) for m in fc["methods"]],
+                            "file": fp,
+                        },
+                        "focal_method": _export(fm, full=True),
+                        "repository": repository,
+                    }
+                )
     counts["pairs"], counts["unparsed"] = len(records), len(unparsed) - len(unreadable)
     for u in unparsed[:10]:
-        warn(f"warning: {project}: skipped {u}" + ("" if ": " in u else " (syntax errors)"), file=sys.stderr)
+        warn(
+            f"warning: {project}: skipped {u}" + ("" if ": " in u else " (syntax errors)"),
+            file=sys.stderr,
+        )
     if len(unparsed) > 10:
-        warn(f"warning: {project}: ... and {len(unparsed) - 10} more files skipped", file=sys.stderr)
+        warn(
+            f"warning: {project}: ... and {len(unparsed) - 10} more files skipped", file=sys.stderr
+        )
     return records, counts
 
 
 def mine_to_jsonl(root, project, out, url=None, strict=False):
-    """Mine and write one JSON line per record to `out` (temp file + rename: never half-written). Counts."""
+    """Mine and write one JSON line per record to `out` (temp file + rename: never half-written).
+    Counts."""
     records, counts = mine(root, project, url=url, strict=strict)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -198,22 +260,40 @@ def mine_to_jsonl(root, project, out, url=None, strict=False):
 
 
 def format_counts(c):
-    return (f"{c['files']} files, {c['test_files']} test files, {c['test_classes']} test classes "
-            f"({c['mapped_classes']} mapped: {c['by_path']} path, {c['by_name']} name), {c['test_cases']} test cases, "
-            f"mapped {c['name_match']} name match + {c['unique_call']} unique call -> {c['pairs']} pairs "
-            f"({c['duplicates']} duplicates dropped), {c['unparsed']} files did not parse, {c['unreadable']} unreadable")
+    return (
+        f"{c['files']} files, {c['test_files']} test files, {c['test_classes']} test classes "
+        f"({c['mapped_classes']} mapped: {c['by_path']} path, {c['by_name']} name), {c['test_cases']} test cases, "
+        f"mapped {c['name_match']} name match + {c['unique_call']} unique call -> {c['pairs']} pairs "
+        f"({c['duplicates']} duplicates dropped), {c['unparsed']} files did not parse, {c['unreadable']} unreadable"
+    )
 
 
 def main():
-    ap = argparse.ArgumentParser(description="Mine methods2test-style focal-method/test-case pairs from a Java tree.")
+    ap = argparse.ArgumentParser(
+        description="Mine methods2test-style focal-method/test-case pairs from a Java tree."
+    )
     ap.add_argument("root", help="a Java source tree (a checkout or an unpacked source package)")
-    ap.add_argument("--project", help="project name stored in every record (default: the folder's name)")
+    ap.add_argument(
+        "--project", help="project name stored in every record (default: the folder's name)"
+    )
     ap.add_argument("--out", required=True, help="output JSONL file")
-    ap.add_argument("--url", help="repository.url stored in every record (default: file:<absolute path>)")
-    ap.add_argument("--strict", action="store_true", help="the released script's path rule: no leading /, no name fallback")
+    ap.add_argument(
+        "--url", help="repository.url stored in every record (default: file:<absolute path>)"
+    )
+    ap.add_argument(
+        "--strict",
+        action="store_true",
+        help="the released script's path rule: no leading /, no name fallback",
+    )
     args = ap.parse_args()
     try:
-        counts = mine_to_jsonl(args.root, args.project or Path(args.root).resolve().name, args.out, args.url, args.strict)
+        counts = mine_to_jsonl(
+            args.root,
+            args.project or Path(args.root).resolve().name,
+            args.out,
+            args.url,
+            args.strict,
+        )
     except MiningError as e:
         sys.exit(f"error: {e}")
     print(format_counts(counts))
@@ -221,4 +301,5 @@ def main():
 
 if __name__ == "__main__":
     from data import cli
+
     cli(main)

@@ -1,1 +1,2 @@
-"""Triton kernels. `kernels.attention.attention` is the fused prefix attention (see kernels/README.md)."""
+"""Triton kernels. `kernels.attention.attention` is the fused prefix attention (see
+kernels/README.md)."""

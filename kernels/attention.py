@@ -1,19 +1,20 @@
-"""
-Fused attention with prefix keys/values for BART (Triton), forward and backward.
+"""Fused attention with prefix keys/values for BART (Triton), forward and backward.
 
-Prefix tuning (paper §2.5) gives every attention layer P trainable key/value vectors that every query sees. The
-plain way is to gather each row's prefix, concatenate it with the keys, build a (B, 1, Lq, P + Lk) mask and call
-SDPA. This kernel reads the prefix where it lies instead: no concatenation, no mask tensor, one prefix per batch
-row if asked (a batch that mixes projects), and the prefix gradient comes back already summed per prefix.
+Prefix tuning (paper §2.5) gives every attention layer P trainable key/value vectors that every
+query sees. The plain way is to gather each row's prefix, concatenate it with the keys, build a (B,
+1, Lq, P + Lk) mask and call SDPA. This kernel reads the prefix where it lies instead: no
+concatenation, no mask tensor, one prefix per batch row if asked (a batch that mixes projects), and
+the prefix gradient comes back already summed per prefix.
 
     from kernels.attention import attention
     y = attention(q, k, v, key_padding_mask=m, causal=False, prefix_k=pk, prefix_v=pv, prefix_index=ids)
 
-Semantics (the reference is `model.attention_math`): q (B, H, Lq, D); k, v (B, H, Lk, D); key_padding_mask
-(B, Lk) bool, True = real key; causal is lower-right (query i sees key j iff j <= i + Lk - Lq, so a KV-cached
-decoding step with Lq = 1 sees every key); prefix (H, P, D) shared by the batch, or a bank (N, H, P, D) with
-prefix_index (B,) picking each row's entry. Prefix keys are always visible and have no positions. A query row
-that sees nothing returns 0 (no NaN). Returns (B, H, Lq, D) in q's dtype.
+Semantics (the reference is `model.attention_math`): q (B, H, Lq, D); k, v (B, H, Lk, D);
+key_padding_mask (B, Lk) bool, True = real key; causal is lower-right (query i sees key j iff j <= i
++ Lk - Lq, so a KV-cached decoding step with Lq = 1 sees every key); prefix (H, P, D) shared by the
+batch, or a bank (N, H, P, D) with prefix_index (B,) picking each row's entry. Prefix keys are
+always visible and have no positions. A query row that sees nothing returns 0 (no NaN). Returns (B,
+H, Lq, D) in q's dtype.
 
 Algorithm (FlashAttention-2, Dao 2023, arXiv 2307.08691; the structure of Triton's tutorial 06):
   forward, one program per (query tile, b·h): keep the Q tile on chip and stream key tiles -- first the prefix
@@ -32,18 +33,20 @@ Algorithm (FlashAttention-2, Dao 2023, arXiv 2307.08691; the structure of Triton
     ascending row order (a fixed order, so runs are bitwise identical; no atomics across the batch). An entry
     no row uses gets an exact zero. No buffer of size B·Lq·Lk exists anywhere.
 
-Supported: fp32 (dot precision "ieee" by default, "tf32" on request), fp16, bf16, always accumulating in fp32;
-head dims 16, 32, 64, 128; any Lq, Lk >= 1 (not only block multiples), Lq != Lk; any key_padding_mask pattern
-(right padding is the fast case); arbitrary strides (the head dim must be contiguous, else it is copied).
-NaN/inf in padded keys/values never leaks: K/V loads are masked with other=0, not only the scores.
-Not supported (each an assertion): fp64, other head dims, attention dropout, a query mask (every query row is
-computed like the reference; callers mask padded positions in the loss), Lq or Lk = 0.
-Runs on Triton 3.6 (GPU) and 3.9 (CPU interpreter, TRITON_INTERPRET=1): plain pointer arithmetic (block pointers
-are gone in 3.9), no global read in @triton.jit code, tiles chosen in Python (pick_config; no autotune), and in
-the interpreter bf16 tiles are upcast to fp32 (its bf16 dot and sum are wrong, triton#11584) with the GPU's
-round-to-nearest of p, dS and the outputs emulated (its own fp32 -> bf16 cast truncates).
-Spec: docs/attention-kernel.md. Tests: tests/test_kernels.py and test_kernels_compile.py. GPU: kernels/gpu_check.py
-"""
+Supported: fp32 (dot precision "ieee" by default, "tf32" on request), fp16, bf16, always
+accumulating in fp32; head dims 16, 32, 64, 128; any Lq, Lk >= 1 (not only block multiples), Lq
+!= Lk; any key_padding_mask pattern (right padding is the fast case); arbitrary strides (the head
+dim must be contiguous, else it is copied). NaN/inf in padded keys/values never leaks: K/V loads
+are masked with other=0, not only the scores. Not supported (each an assertion): fp64, other head
+dims, attention dropout, a query mask (every query row is computed like the reference; callers
+mask padded positions in the loss), Lq or Lk = 0. Runs on Triton 3.6 (GPU) and 3.9 (CPU
+interpreter, TRITON_INTERPRET=1): plain pointer arithmetic (block pointers are gone in 3.9), no
+global read in @triton.jit code, tiles chosen in Python (pick_config; no autotune), and in the
+interpreter bf16 tiles are upcast to fp32 (its bf16 dot and sum are wrong, triton#11584) with the
+GPU's round-to-nearest of p, dS and the outputs emulated (its own fp32 -> bf16 cast truncates).
+Spec: docs/attention-kernel.md. Tests: tests/test_kernels.py and test_kernels_compile.py. GPU:
+kernels/gpu_check.py"""
+
 import math
 import os
 
@@ -52,18 +55,25 @@ import triton
 import triton.language as tl
 
 # -----------------------------------------------------------------------------
-# @triton.jit kernels. Names: b row, h head, start_m/start_n first query/key of a tile, kv_len(b) one past the
-# last real key of row b (Lk without a padding mask), q_offset = Lk - Lq (the causal diagonal's shift).
+# @triton.jit kernels. Names: b row, h head, start_m/start_n first query/key of a tile, kv_len(b)
+# one past the last real key of row b (Lk without a padding mask), q_offset = Lk - Lq (the causal
+# diagonal's shift).
 
 
+# The @triton.jit functions below are kept out of `ruff format` (# fmt: off): the ahead-of-time
+# compile records (kernels/compile_report.json) key on their source text, and reformatting them
+# would make all 804 records stale, a recompilation of about an hour on 2 cores.
+# fmt: off
 @triton.jit
 def _load(ptrs, mask, UPCAST: tl.constexpr):
     x = tl.load(ptrs, mask=mask, other=0.0)  # other=0: padded memory may hold NaN, and 0·NaN = NaN in p·V
     if UPCAST:  # interpreter + bf16 only: compute in fp32 there
         x = x.to(tl.float32)
     return x
+# fmt: on
 
 
+# fmt: off
 @triton.jit
 def _round_bf16(x):
     """fp32 -> the nearest bf16 value (ties to even), kept in fp32. Interpreter only: its fp32 -> bf16 cast
@@ -71,8 +81,10 @@ def _round_bf16(x):
     bits = x.to(tl.uint32, bitcast=True)
     bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
     return bits.to(tl.float32, bitcast=True)
+# fmt: on
 
 
+# fmt: off
 @triton.jit
 def _operand(x, DTYPE: tl.constexpr, UPCAST: tl.constexpr):
     """Round an fp32 tile (p or dS) to the input dtype for a tensor-core dot, as FlashAttention does."""
@@ -81,16 +93,20 @@ def _operand(x, DTYPE: tl.constexpr, UPCAST: tl.constexpr):
     else:
         x = x.to(DTYPE)
     return x
+# fmt: on
 
 
+# fmt: off
 @triton.jit
 def _output(x, DTYPE: tl.constexpr, UPCAST: tl.constexpr):
     """fp32 accumulator -> the output dtype, rounding to nearest even in the interpreter too."""
     if UPCAST:
         x = _round_bf16(x)
     return x.to(DTYPE)
+# fmt: on
 
 
+# fmt: off
 @triton.jit
 def _key_bias(MASK, offs_n, n_keys, HAS_MASK: tl.constexpr):
     """(BLOCK_N,) validity of keys and the score bias it implies: 0 for a visible key, -inf otherwise."""
@@ -98,8 +114,10 @@ def _key_bias(MASK, offs_n, n_keys, HAS_MASK: tl.constexpr):
     if HAS_MASK:
         valid = valid & (tl.load(MASK + offs_n, mask=valid, other=0) != 0)
     return valid, tl.where(valid, 0.0, float("-inf"))
+# fmt: on
 
 
+# fmt: off
 @triton.jit
 def _kv_len(MASK, Lk, HAS_MASK: tl.constexpr):
     """One past the last real key of a row (0 if none; Lk without a mask): key tiles beyond it are skipped, which
@@ -114,8 +132,10 @@ def _kv_len(MASK, Lk, HAS_MASK: tl.constexpr):
     else:
         n = Lk
     return n
+# fmt: on
 
 
+# fmt: off
 @triton.jit
 def _causal_range(start_m, kv_len, q_offset, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Real-key range of a query tile: [0, full_hi) is visible to every row of the tile (no causal mask),
@@ -127,8 +147,10 @@ def _causal_range(start_m, kv_len, q_offset, CAUSAL: tl.constexpr, BLOCK_M: tl.c
         full_hi = tl.maximum(q_offset + start_m + 1, 0) // BLOCK_N * BLOCK_N  # first row sees keys < q_offset+start_m+1
         full_hi = tl.minimum(full_hi, hi)
     return full_hi, hi
+# fmt: on
 
 
+# fmt: off
 @triton.jit
 def _fwd_tiles(acc, m_i, l_i, q, K, V, stride_n, MASK, lo, hi, n_keys, offs_m, q_offset, qk_scale,
                HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr,
@@ -151,8 +173,11 @@ def _fwd_tiles(acc, m_i, l_i, q, K, V, stride_n, MASK, lo, hi, n_keys, offs_m, q
         acc = tl.dot(_operand(p, K.dtype.element_ty, UPCAST), v, acc * alpha[:, None], input_precision=PRECISION)
         m_i = m_new
     return acc, m_i, l_i
+# fmt: on
 
 
+# one binary for all lengths and head counts
+# fmt: off
 @triton.jit(do_not_specialize=["H", "Lq", "Lk", "P", "q_offset"])  # one binary for all lengths and head counts
 def _attn_fwd(Q, K, V, PK, PV, IDS, MASK, O, LSE,
               stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_pn, stride_ph, stride_pp,
@@ -191,8 +216,10 @@ def _attn_fwd(Q, K, V, PK, PV, IDS, MASK, O, LSE,
     l_safe = tl.where(empty, 1.0, l_i)
     tl.store(O + q_ptrs, _output(acc / l_safe[:, None], O.dtype.element_ty, UPCAST), mask=offs_m[:, None] < Lq)
     tl.store(LSE + bh.to(tl.int64) * Lq + offs_m, tl.where(empty, 0.0, m_i + tl.math.log2(l_safe)), mask=offs_m < Lq)
+# fmt: on
 
 
+# fmt: off
 @triton.jit(do_not_specialize=["H", "Lq"])
 def _attn_bwd_delta(O, DO, DELTA, stride_qb, stride_qh, stride_qm, H, Lq,
                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
@@ -204,8 +231,10 @@ def _attn_bwd_delta(O, DO, DELTA, stride_qb, stride_qh, stride_qm, H, Lq,
     o = tl.load(O + ptrs, mask=offs_m[:, None] < Lq, other=0.0).to(tl.float32)
     do = tl.load(DO + ptrs, mask=offs_m[:, None] < Lq, other=0.0).to(tl.float32)
     tl.store(DELTA + bh.to(tl.int64) * Lq + offs_m, tl.sum(o * do, 1), mask=offs_m < Lq)
+# fmt: on
 
 
+# fmt: off
 @triton.jit
 def _dkdv_tiles(dk, dv, k, v, bias, Q, DO, LSE, DELTA, stride_qm, lo, hi, offs_n, Lq, q_offset, qk_scale,
                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
@@ -229,8 +258,11 @@ def _dkdv_tiles(dk, dv, k, v, bias, Q, DO, LSE, DELTA, stride_qm, lo, hi, offs_n
         ds = p * (dp - delta[None, :])
         dk = tl.dot(_operand(ds, Q.dtype.element_ty, UPCAST), q, dk, input_precision=PRECISION)
     return dk, dv
+# fmt: on
 
 
+# one binary for all lengths and head counts
+# fmt: off
 @triton.jit(do_not_specialize=["H", "Lq", "Lk", "P", "q_offset"])  # one binary for all lengths and head counts
 def _attn_bwd_dkdv(Q, K, V, PK, PV, IDS, MASK, DO, LSE, DELTA, DK, DV, PART,
                    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_pn, stride_ph, stride_pp,
@@ -283,8 +315,10 @@ def _attn_bwd_dkdv(Q, K, V, PK, PV, IDS, MASK, DO, LSE, DELTA, DK, DV, PART,
                              mid, hi, offs_n, Lq, q_offset, qk_scale, HEAD_DIM, BLOCK_M, False, UPCAST, PRECISION)
         tl.store(DK + k_ptrs, _output(dk * sm_scale, DK.dtype.element_ty, UPCAST), mask=offs_n[:, None] < Lk)
         tl.store(DV + k_ptrs, _output(dv, DV.dtype.element_ty, UPCAST), mask=offs_n[:, None] < Lk)
+# fmt: on
 
 
+# fmt: off
 @triton.jit
 def _dq_tiles(dq, q, do, lse, delta, K, V, stride_n, MASK, lo, hi, n_keys, offs_m, q_offset, qk_scale,
               HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr,
@@ -304,8 +338,11 @@ def _dq_tiles(dq, q, do, lse, delta, K, V, stride_n, MASK, lo, hi, n_keys, offs_
         ds = p * (dp - delta[:, None])
         dq = tl.dot(_operand(ds, K.dtype.element_ty, UPCAST), k, dq, input_precision=PRECISION)
     return dq
+# fmt: on
 
 
+# one binary for all lengths and head counts
+# fmt: off
 @triton.jit(do_not_specialize=["H", "Lq", "Lk", "P", "q_offset"])  # one binary for all lengths and head counts
 def _attn_bwd_dq(Q, K, V, PK, PV, IDS, MASK, DO, LSE, DELTA, DQ,
                  stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_pn, stride_ph, stride_pp,
@@ -336,8 +373,10 @@ def _attn_bwd_dq(Q, K, V, PK, PV, IDS, MASK, DO, LSE, DELTA, DQ,
         dq = _dq_tiles(dq, q, do, lse, delta, K + kv_off, V + kv_off, stride_kn, MASK + b * Lk, full_hi, hi, kv_len,
                        offs_m, q_offset, qk_scale, HEAD_DIM, BLOCK_N, HAS_MASK, True, UPCAST, PRECISION)
     tl.store(DQ + q_ptrs, _output(dq * sm_scale, DQ.dtype.element_ty, UPCAST), mask=in_q[:, None])
+# fmt: on
 
 
+# fmt: off
 @triton.jit(do_not_specialize=["B", "N_BANK"])
 def _reduce_prefix_grad(PART, IDS, OUT, B, N_BANK, N_ELEM, PER_ROW: tl.constexpr, UPCAST: tl.constexpr,
                         BLOCK: tl.constexpr):
@@ -357,24 +396,42 @@ def _reduce_prefix_grad(PART, IDS, OUT, B, N_BANK, N_ELEM, PER_ROW: tl.constexpr
         acc += tl.load(row, mask=take, other=0.0)  # a masked-off row is not even read
         row += N_ELEM
     tl.store(OUT + (t * N_BANK + n) * N_ELEM + offs, _output(acc, OUT.dtype.element_ty, UPCAST), mask=inside)
+# fmt: on
 
 
 # -----------------------------------------------------------------------------
 # launchers and the autograd.Function
 
 
-DTYPES, HEAD_DIMS = (torch.float32, torch.float16, torch.bfloat16), (16, 32, 64, 128)  # what attention() accepts
-# GPU tiles (BLOCK_M, BLOCK_N, warps, stages): the tutorial's, or the nearest spill-free on sm_90/80; not timed yet
-_T16, _F32 = ((128, 64, 8, 3), (32, 128, 4, 3), (128, 32, 4, 3)), ((64, 32, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2))
-GPU_TILES = {"16-bit": {16: _T16, 32: _T16, 64: ((128, 64, 8, 3), (32, 128, 8, 3), (128, 32, 8, 3)),
-                        128: ((64, 64, 8, 2), (32, 64, 8, 2), (64, 32, 8, 2))},
-             "fp32 tf32": {16: _F32, 32: ((64, 32, 4, 2), (32, 64, 8, 2), (64, 32, 4, 2)),
-                           64: ((64, 32, 4, 2), (32, 32, 4, 2), (32, 32, 4, 2)),
-                           128: ((32, 32, 4, 2), (32, 32, 8, 2), (16, 32, 4, 2))},
-             "fp32 ieee": {16: ((32, 32, 4, 2), (32, 64, 8, 2), (64, 32, 4, 2)),  # FMA dots: all of K in registers
-                           32: ((32, 32, 8, 2), (32, 64, 8, 2), (32, 32, 4, 2)),
-                           64: ((64, 32, 8, 2), (32, 32, 8, 2), (32, 32, 8, 2)),
-                           128: ((16, 16, 8, 2), (16, 32, 8, 2), (16, 16, 4, 2))}}
+# what attention() accepts
+DTYPES, HEAD_DIMS = (torch.float32, torch.float16, torch.bfloat16), (16, 32, 64, 128)
+# GPU tiles (BLOCK_M, BLOCK_N, warps, stages): the tutorial's, or the nearest spill-free on
+# sm_90/80; not timed yet
+_T16, _F32 = (
+    ((128, 64, 8, 3), (32, 128, 4, 3), (128, 32, 4, 3)),
+    ((64, 32, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2)),
+)
+GPU_TILES = {
+    "16-bit": {
+        16: _T16,
+        32: _T16,
+        64: ((128, 64, 8, 3), (32, 128, 8, 3), (128, 32, 8, 3)),
+        128: ((64, 64, 8, 2), (32, 64, 8, 2), (64, 32, 8, 2)),
+    },
+    "fp32 tf32": {
+        16: _F32,
+        32: ((64, 32, 4, 2), (32, 64, 8, 2), (64, 32, 4, 2)),
+        64: ((64, 32, 4, 2), (32, 32, 4, 2), (32, 32, 4, 2)),
+        128: ((32, 32, 4, 2), (32, 32, 8, 2), (16, 32, 4, 2)),
+    },
+    # FMA dots: all of K in registers
+    "fp32 ieee": {
+        16: ((32, 32, 4, 2), (32, 64, 8, 2), (64, 32, 4, 2)),
+        32: ((32, 32, 8, 2), (32, 64, 8, 2), (32, 32, 4, 2)),
+        64: ((64, 32, 8, 2), (32, 32, 8, 2), (32, 32, 8, 2)),
+        128: ((16, 16, 8, 2), (16, 32, 8, 2), (16, 16, 4, 2)),
+    },
+}
 
 
 def _interpreting():
@@ -382,9 +439,12 @@ def _interpreting():
 
 
 def pick_config(D, dtype, precision="tf32"):
-    """fwd/dq tile queries by BLOCK_M, keys by BLOCK_N; dkdv the reverse. Interpreter: ~4 ms a tile step, any size."""
+    """fwd/dq tile queries by BLOCK_M, keys by BLOCK_N; dkdv the reverse. Interpreter: ~4 ms a
+    tile step, any size."""
     kind = "fp32 " + precision if dtype == torch.float32 else "16-bit"
-    return dict(zip(("fwd", "dkdv", "dq"), ((16, 16, 1, 1),) * 3 if _interpreting() else GPU_TILES[kind][D]))
+    return dict(
+        zip(("fwd", "dkdv", "dq"), ((16, 16, 1, 1),) * 3 if _interpreting() else GPU_TILES[kind][D])
+    )
 
 
 def _launch_args(q, k, pk, mask, ids):
@@ -392,24 +452,54 @@ def _launch_args(q, k, pk, mask, ids):
     B, H, Lq, D = q.shape
     P = 0 if pk is None else pk[0].shape[2]
     return dict(
-        # tensors after q, k, v; unused ones (no prefix, no ids, no mask) get a valid pointer they never read
-        tensors=(k if pk is None else pk[0], k if pk is None else pk[1], q if ids is None else ids,
-                 torch.empty(1, dtype=torch.uint8, device=q.device) if mask is None else mask),
-        strides=(*q.stride()[:3], *k.stride()[:3], *(pk[0].stride()[:3] if pk is not None else (0, 0, 0))),
+        # tensors after q, k, v; unused ones (no prefix, no ids, no mask) get a valid pointer they
+        # never read
+        tensors=(
+            k if pk is None else pk[0],
+            k if pk is None else pk[1],
+            q if ids is None else ids,
+            torch.empty(1, dtype=torch.uint8, device=q.device) if mask is None else mask,
+        ),
+        strides=(
+            *q.stride()[:3],
+            *k.stride()[:3],
+            *(pk[0].stride()[:3] if pk is not None else (0, 0, 0)),
+        ),
         sizes=(H, Lq, k.shape[2], P, k.shape[2] - Lq),
-        flags=dict(HEAD_DIM=D, HAS_MASK=mask is not None, PER_ROW=ids is not None,
-                   UPCAST=_interpreting() and q.dtype == torch.bfloat16))
+        flags=dict(
+            HEAD_DIM=D,
+            HAS_MASK=mask is not None,
+            PER_ROW=ids is not None,
+            UPCAST=_interpreting() and q.dtype == torch.bfloat16,
+        ),
+    )
 
 
 def _forward(q, k, v, pk, mask, ids, causal, scale, precision, cfg):
     B, H, Lq, D = q.shape
     a = _launch_args(q, k, pk, mask, ids)
-    o = torch.empty_like(q)  # same strides as q (checked by the caller): the kernel indexes both alike
+    # same strides as q (checked by the caller): the kernel indexes both alike
+    o = torch.empty_like(q)
     lse = torch.empty(B, H, Lq, device=q.device, dtype=torch.float32)
     BM, BN, warps, stages = cfg["fwd"]
     _attn_fwd[(triton.cdiv(Lq, BM), B * H)](
-        q, k, v, *a["tensors"], o, lse, *a["strides"], *a["sizes"], scale * math.log2(math.e),
-        BLOCK_M=BM, BLOCK_N=BN, CAUSAL=causal, PRECISION=precision, **a["flags"], num_warps=warps, num_stages=stages)
+        q,
+        k,
+        v,
+        *a["tensors"],
+        o,
+        lse,
+        *a["strides"],
+        *a["sizes"],
+        scale * math.log2(math.e),
+        BLOCK_M=BM,
+        BLOCK_N=BN,
+        CAUSAL=causal,
+        PRECISION=precision,
+        **a["flags"],
+        num_warps=warps,
+        num_stages=stages,
+    )
     return o, lse
 
 
@@ -420,33 +510,86 @@ def _backward(do, q, k, v, o, lse, pk, mask, ids, n_bank, causal, scale, precisi
     if not _same_strides(do, o):  # the kernels index q, o, dO, dQ with one set of strides
         do = torch.empty_like(o).copy_(do)
     delta = torch.empty_like(lse)
-    _attn_bwd_delta[(triton.cdiv(Lq, 64), B * H)](o, do, delta, *q.stride()[:3], H, Lq, HEAD_DIM=D, BLOCK_M=64)
+    _attn_bwd_delta[(triton.cdiv(Lq, 64), B * H)](
+        o, do, delta, *q.stride()[:3], H, Lq, HEAD_DIM=D, BLOCK_M=64
+    )
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    assert _same_strides(dq, q) and _same_strides(dk, k) and _same_strides(dv, k), "gradient layout mismatch"
-    part = torch.empty(2, B, H, max(P, 1), D, device=q.device, dtype=torch.float32)  # per-row prefix dK, dV
+    assert _same_strides(dq, q) and _same_strides(dk, k) and _same_strides(dv, k), (
+        "gradient layout mismatch"
+    )
+    # per-row prefix dK, dV
+    part = torch.empty(2, B, H, max(P, 1), D, device=q.device, dtype=torch.float32)
     qk_scale = scale * math.log2(math.e)
     BM, BN, warps, stages = cfg["dkdv"]
     _attn_bwd_dkdv[(triton.cdiv(P, BN) + triton.cdiv(Lk, BN), B * H)](
-        q, k, v, *a["tensors"], do, lse, delta, dk, dv, part, *a["strides"], *a["sizes"], qk_scale, scale,
-        BLOCK_M=BM, BLOCK_N=BN, CAUSAL=causal, PRECISION=precision, **a["flags"], num_warps=warps, num_stages=stages)
+        q,
+        k,
+        v,
+        *a["tensors"],
+        do,
+        lse,
+        delta,
+        dk,
+        dv,
+        part,
+        *a["strides"],
+        *a["sizes"],
+        qk_scale,
+        scale,
+        BLOCK_M=BM,
+        BLOCK_N=BN,
+        CAUSAL=causal,
+        PRECISION=precision,
+        **a["flags"],
+        num_warps=warps,
+        num_stages=stages,
+    )
     BM, BN, warps, stages = cfg["dq"]
     _attn_bwd_dq[(triton.cdiv(Lq, BM), B * H)](
-        q, k, v, *a["tensors"], do, lse, delta, dq, *a["strides"], *a["sizes"], qk_scale, scale,
-        BLOCK_M=BM, BLOCK_N=BN, CAUSAL=causal, PRECISION=precision, **a["flags"], num_warps=warps, num_stages=stages)
+        q,
+        k,
+        v,
+        *a["tensors"],
+        do,
+        lse,
+        delta,
+        dq,
+        *a["strides"],
+        *a["sizes"],
+        qk_scale,
+        scale,
+        BLOCK_M=BM,
+        BLOCK_N=BN,
+        CAUSAL=causal,
+        PRECISION=precision,
+        **a["flags"],
+        num_warps=warps,
+        num_stages=stages,
+    )
     if pk is None:
         return dq, dk, dv, None, None
-    dp = torch.empty(2, n_bank, H, P, D, device=q.device, dtype=pk[0].dtype)  # every entry written below
+    # every entry written below
+    dp = torch.empty(2, n_bank, H, P, D, device=q.device, dtype=pk[0].dtype)
     if P > 0:
         _reduce_prefix_grad[(triton.cdiv(H * P * D, 1024), n_bank, 2)](
-            part, a["tensors"][2], dp, B, n_bank, H * P * D, PER_ROW=ids is not None, UPCAST=a["flags"]["UPCAST"],
-            BLOCK=1024)
+            part,
+            a["tensors"][2],
+            dp,
+            B,
+            n_bank,
+            H * P * D,
+            PER_ROW=ids is not None,
+            UPCAST=a["flags"]["UPCAST"],
+            BLOCK=1024,
+        )
     return dq, dk, dv, dp[0], dp[1]
 
 
 class _FusedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, pk, pv, ids, mask, causal, scale, precision):
-        mask = None if mask is None else mask.contiguous().view(torch.uint8)  # the kernels read bytes
+        # the kernels read bytes
+        mask = None if mask is None else mask.contiguous().view(torch.uint8)
         prefix = None if pk is None else (pk, pv)
         cfg = pick_config(q.shape[-1], q.dtype, precision)
         o, lse = _forward(q, k, v, prefix, mask, ids, causal, scale, precision, cfg)
@@ -459,8 +602,9 @@ class _FusedAttention(torch.autograd.Function):
         q, k, v, o, lse, pk, pv, mask, ids = ctx.saved_tensors
         n_bank, causal, scale, precision, cfg = ctx.args
         prefix = None if pk is None else (pk, pv)
-        dq, dk, dv, dpk, dpv = _backward(do, q, k, v, o, lse, prefix, mask, ids, n_bank, causal, scale,
-                                         precision, cfg)
+        dq, dk, dv, dpk, dpv = _backward(
+            do, q, k, v, o, lse, prefix, mask, ids, n_bank, causal, scale, precision, cfg
+        )
         return dq, dk, dv, dpk, dpv, None, None, None, None, None
 
 
@@ -469,60 +613,105 @@ def _same_strides(a, b):  # strides of size-1 dims never enter an address, so th
 
 
 def _same_layout(a, b):
-    """The kernels index a and b, and the tensors empty_like makes from them (outputs, gradients), with one set
-    of strides: the head dim contiguous, no overlap or stride-0 broadcast. Otherwise copy (documented)."""
+    """The kernels index a and b, and the tensors empty_like makes from them (outputs,
+    gradients), with one set of strides: the head dim contiguous, no overlap or stride-0
+    broadcast. Otherwise copy (documented)."""
     if _same_strides(a, b) and a.stride(-1) == 1 and _same_strides(torch.empty_like(a), a):
         return a, b
     return a.contiguous(), b.contiguous()
 
 
-def attention(q, k, v, *, key_padding_mask=None, causal=False, prefix_k=None, prefix_v=None, prefix_index=None,
-              softmax_scale=None, fp32_precision="ieee"):
-    """Fused attention over [prefix keys ; keys]; semantics in the module docstring. fp32_precision: "ieee"
-    (exact fp32 dots, the default) or "tf32" (faster on GPU, ~1e-3 relative error)."""
-    assert q.dim() == k.dim() == v.dim() == 4, f"q, k, v must be (B, H, L, D); got {q.shape}, {k.shape}, {v.shape}"
+def attention(
+    q,
+    k,
+    v,
+    *,
+    key_padding_mask=None,
+    causal=False,
+    prefix_k=None,
+    prefix_v=None,
+    prefix_index=None,
+    softmax_scale=None,
+    fp32_precision="ieee",
+):
+    """Fused attention over [prefix keys ; keys]; semantics in the module docstring.
+    fp32_precision: "ieee" (exact fp32 dots, the default) or "tf32" (faster on GPU, ~1e-3
+    relative error)."""
+    assert q.dim() == k.dim() == v.dim() == 4, (
+        f"q, k, v must be (B, H, L, D); got {q.shape}, {k.shape}, {v.shape}"
+    )
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
-    assert k.shape == v.shape == (B, H, Lk, D), f"k, v must be (B, H, Lk, D) = {(B, H, Lk, D)}; got {k.shape}"
+    assert k.shape == v.shape == (B, H, Lk, D), (
+        f"k, v must be (B, H, Lk, D) = {(B, H, Lk, D)}; got {k.shape}"
+    )
     assert q.dtype in DTYPES, f"dtype {q.dtype}: fp32, fp16, bf16 only"
     assert k.dtype == v.dtype == q.dtype, f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}"
     assert D in HEAD_DIMS, f"head dim {D} not supported {HEAD_DIMS}"
     assert Lq >= 1 and Lk >= 1, "empty query or key sequence"
     assert q.device == k.device == v.device, "q, k, v on different devices"
-    assert key_padding_mask is None or key_padding_mask.device == q.device, "key_padding_mask on another device"
-    assert q.is_cuda or _interpreting(), "CPU tensors need TRITON_INTERPRET=1 set before triton is imported"
-    assert fp32_precision in ("ieee", "tf32"), f"fp32_precision {fp32_precision!r}: 'ieee' or 'tf32'"
+    assert key_padding_mask is None or key_padding_mask.device == q.device, (
+        "key_padding_mask on another device"
+    )
+    assert q.is_cuda or _interpreting(), (
+        "CPU tensors need TRITON_INTERPRET=1 set before triton is imported"
+    )
+    assert fp32_precision in ("ieee", "tf32"), (
+        f"fp32_precision {fp32_precision!r}: 'ieee' or 'tf32'"
+    )
     if key_padding_mask is not None:
-        assert key_padding_mask.shape == (B, Lk) and key_padding_mask.dtype == torch.bool, \
+        assert key_padding_mask.shape == (B, Lk) and key_padding_mask.dtype == torch.bool, (
             f"key_padding_mask must be bool (B, Lk) = {(B, Lk)}; got {key_padding_mask.dtype} {key_padding_mask.shape}"
+        )
     pk = pv = None
     if prefix_k is not None:
-        assert prefix_v is not None and prefix_v.shape == prefix_k.shape, "prefix_k and prefix_v shapes differ"
+        assert prefix_v is not None and prefix_v.shape == prefix_k.shape, (
+            "prefix_k and prefix_v shapes differ"
+        )
         if prefix_k.dim() == 3:  # shared (H, P, D): a bank of one entry that every row uses
-            pk, pv, prefix_index = prefix_k.unsqueeze(0), prefix_v.unsqueeze(0), None  # (an index is moot, as in math)
+            # (an index is moot, as in math)
+            pk, pv, prefix_index = prefix_k.unsqueeze(0), prefix_v.unsqueeze(0), None
         else:
-            assert prefix_k.dim() == 4, f"prefix must be (H, P, D) or (N, H, P, D); got {prefix_k.shape}"
-            assert prefix_index is not None and prefix_index.shape == (B,), "a prefix bank needs prefix_index (B,)"
-            assert prefix_index.dtype in (torch.int32, torch.int64), "prefix_index must be int32 or int64"
+            assert prefix_k.dim() == 4, (
+                f"prefix must be (H, P, D) or (N, H, P, D); got {prefix_k.shape}"
+            )
+            assert prefix_index is not None and prefix_index.shape == (B,), (
+                "a prefix bank needs prefix_index (B,)"
+            )
+            assert prefix_index.dtype in (torch.int32, torch.int64), (
+                "prefix_index must be int32 or int64"
+            )
             assert prefix_index.device == q.device, "prefix_index on another device"
-            if not q.is_cuda:  # on GPU a check costs a sync or extra launches: ids in [0, N) are the caller's duty
-                assert 0 <= int(prefix_index.min()) and int(prefix_index.max()) < prefix_k.shape[0], \
-                    "prefix_index out of range"
+            # on GPU a check costs a sync or extra launches: ids in [0, N) are the caller's duty
+            if not q.is_cuda:
+                assert (
+                    0 <= int(prefix_index.min()) and int(prefix_index.max()) < prefix_k.shape[0]
+                ), "prefix_index out of range"
             pk, pv = prefix_k, prefix_v
-            prefix_index = prefix_index.to(torch.int64).contiguous()  # IDS + b: no view [::beams]; one binary
-        assert pk.shape[1] == H and pk.shape[3] == D, f"prefix (.., H, P, D) must match H={H}, D={D}: {pk.shape}"
-        # under autocast q, k, v arrive in bf16 while the prefix parameters stay fp32: compute in q's dtype,
-        # as autocast would for a matmul (the cast is differentiable, so the fp32 parameter gets its gradient)
+            # IDS + b: no view [::beams]; one binary
+            prefix_index = prefix_index.to(torch.int64).contiguous()
+        assert pk.shape[1] == H and pk.shape[3] == D, (
+            f"prefix (.., H, P, D) must match H={H}, D={D}: {pk.shape}"
+        )
+        # under autocast q, k, v arrive in bf16 while the prefix parameters stay fp32: compute in
+        # q's dtype, as autocast would for a matmul (the cast is differentiable, so the fp32
+        # parameter gets its gradient)
         pk, pv = pk.to(q.dtype), pv.to(q.dtype)
-        if pk.stride(-1) != 1 or not _same_strides(pk, pv):  # stride 0 (expand) is fine: the prefix is only read
+        # stride 0 (expand) is fine: the prefix is only read
+        if pk.stride(-1) != 1 or not _same_strides(pk, pv):
             pk, pv = pk.contiguous(), pv.contiguous()
     else:
-        assert prefix_v is None and prefix_index is None, "prefix_v / prefix_index given without prefix_k"
+        assert prefix_v is None and prefix_index is None, (
+            "prefix_v / prefix_index given without prefix_k"
+        )
     k, v = _same_layout(k, v)
     q, _ = _same_layout(q, q)
-    scale = D ** -0.5 if softmax_scale is None else float(softmax_scale)
-    precision = fp32_precision if q.dtype == torch.float32 else "tf32"  # 16-bit dots ignore it (tf32 = default)
-    return _FusedAttention.apply(q, k, v, pk, pv, prefix_index, key_padding_mask, bool(causal), scale, precision)
+    scale = D**-0.5 if softmax_scale is None else float(softmax_scale)
+    # 16-bit dots ignore it (tf32 = default)
+    precision = fp32_precision if q.dtype == torch.float32 else "tf32"
+    return _FusedAttention.apply(
+        q, k, v, pk, pv, prefix_index, key_padding_mask, bool(causal), scale, precision
+    )
 
 
 # -----------------------------------------------------------------------------
@@ -530,20 +719,30 @@ def attention(q, k, v, *, key_padding_mask=None, causal=False, prefix_k=None, pr
 
 if __name__ == "__main__":
     from triton.testing import do_bench
-    gpu = torch.cuda.is_available() and not _interpreting()  # CPU: TRITON_INTERPRET=1 python -m kernels.attention
-    (B, H, L, D, P), dev, dt = ((8, 16, 1024, 64, 200), "cuda", torch.bfloat16) if gpu else \
-        ((1, 2, 33, 16, 7), "cpu", torch.float32)
+
+    # CPU: TRITON_INTERPRET=1 python -m kernels.attention
+    gpu = torch.cuda.is_available() and not _interpreting()
+    (B, H, L, D, P), dev, dt = (
+        ((8, 16, 1024, 64, 200), "cuda", torch.bfloat16)
+        if gpu
+        else ((1, 2, 33, 16, 7), "cpu", torch.float32)
+    )
     q, k, v = (torch.randn(B, H, L, D, device=dev, dtype=dt, requires_grad=True) for _ in range(3))
     pk, pv = (torch.randn(H, P, D, device=dev, dtype=dt, requires_grad=True) for _ in range(2))
     lens = torch.randint(L // 2, L + 1, (B,), device=dev)
     mask = torch.arange(L, device=dev)[None, :] < lens[:, None]  # ragged right padding
-    f = lambda: attention(q, k, v, key_padding_mask=mask, prefix_k=pk, prefix_v=pv)
-    # useful forward FLOPs: 2 matmuls (QKᵀ, PV) x 2 FLOPs per multiply-add x D, for every (query, visible key) pair
-    # of every head; the queries of row b are its len(b) real tokens, each seeing P + len(b) keys.
-    # fwd+bwd counts 3.5x the forward (FA2's convention: the backward's 5 matmuls)
+
+    def f():
+        return attention(q, k, v, key_padding_mask=mask, prefix_k=pk, prefix_v=pv)
+
+    # useful forward FLOPs: 2 matmuls (QKᵀ, PV) x 2 FLOPs per multiply-add x D, for every (query,
+    # visible key) pair of every head; the queries of row b are its len(b) real tokens, each seeing
+    # P + len(b) keys. fwd+bwd counts 3.5x the forward (FA2's convention: the backward's 5 matmuls)
     flops = 4 * D * H * (lens * (P + lens)).sum().item()
     bench = do_bench if gpu else (lambda fn: [fn(), float("nan")][1])  # CPU: run once, no timing
     ms_fwd, ms_all = bench(f), bench(lambda: f().backward(torch.ones_like(q)))
-    print(f"{torch.cuda.get_device_name() if gpu else 'CPU interpreter'} {dt} B={B} H={H} L={L} D={D} P={P} ragged: "
-          f"fwd {ms_fwd:.3f} ms {flops / ms_fwd * 1e-9:.0f} TFLOP/s; fwd+bwd {ms_all:.3f} ms "
-          f"{3.5 * flops / ms_all * 1e-9:.0f} TFLOP/s")
+    print(
+        f"{torch.cuda.get_device_name() if gpu else 'CPU interpreter'} {dt} B={B} H={H} L={L} D={D} P={P} ragged: "
+        f"fwd {ms_fwd:.3f} ms {flops / ms_fwd * 1e-9:.0f} TFLOP/s; fwd+bwd {ms_all:.3f} ms "
+        f"{3.5 * flops / ms_all * 1e-9:.0f} TFLOP/s"
+    )

@@ -1,14 +1,15 @@
-"""
-Tests for kernels/attention.py, the fused prefix attention, against the `math` attention the model itself runs
-(model.attention_math) in float64. On CPU the kernels run in Triton's interpreter (tests/conftest.py sets
-TRITON_INTERPRET=1), so shapes are tiny and odd: lengths 1, 15, 17, 33 against tiles of 16.
+"""Tests for kernels/attention.py, the fused prefix attention, against the `math` attention the
+model itself runs (model.attention_math) in float64. On CPU the kernels run in Triton's interpreter
+(tests/conftest.py sets TRITON_INTERPRET=1), so shapes are tiny and odd: lengths 1, 15, 17, 33
+against tiles of 16.
 
-Tolerances (../docs/attention-kernel.md §10): fp32 (dot precision "ieee") max-abs 1e-5 on outputs and
-2e-5 on gradients; fp16 and bf16 by flash-attention's rule: the kernel's error is at most 2x (outputs) / 3x
-(gradients) the error of PyTorch's own computation in that dtype, both against float64.
+Tolerances (../docs/attention-kernel.md §10): fp32 (dot precision "ieee") max-abs 1e-5 on outputs
+and 2e-5 on gradients; fp16 and bf16 by flash-attention's rule: the kernel's error is at most 2x
+(outputs) / 3x (gradients) the error of PyTorch's own computation in that dtype, both against
+float64.
 
-    PYTHONPATH=. python -m pytest tests/test_kernels.py -q      (~1 minute on 2 CPU cores)
-"""
+PYTHONPATH=. python -m pytest tests/test_kernels.py -q      (~1 minute on 2 CPU cores)"""
+
 import pytest
 import torch
 
@@ -18,13 +19,27 @@ from model import BART, BARTConfig, attention_math
 NAMES = ("q", "k", "v", "prefix_k", "prefix_v")
 
 
-def make_case(B=2, H=2, Lq=17, Lk=17, D=16, P=7, bank=None, mask="ragged", causal=False, dtype=torch.float32,
-              seed=0):
-    """Random inputs N(0, 1). bank=None: shared (H, P, D) prefix; bank=N: (N, H, P, D) and per-row ids that
-    repeat an id and leave id 1 (and any id >= 3) unused. mask: None, "ragged" (right padding, one full row,
-    one row of length 1) or "holes" (an arbitrary pattern)."""
+def make_case(
+    B=2,
+    H=2,
+    Lq=17,
+    Lk=17,
+    D=16,
+    P=7,
+    bank=None,
+    mask="ragged",
+    causal=False,
+    dtype=torch.float32,
+    seed=0,
+):
+    """Random inputs N(0, 1). bank=None: shared (H, P, D) prefix; bank=N: (N, H, P, D) and
+    per-row ids that repeat an id and leave id 1 (and any id >= 3) unused. mask: None, "ragged"
+    (right padding, one full row, one row of length 1) or "holes" (an arbitrary pattern)."""
     g = torch.Generator().manual_seed(seed)
-    rand = lambda *shape: torch.randn(*shape, generator=g).to(dtype)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g).to(dtype)
+
     t = dict(q=rand(B, H, Lq, D), k=rand(B, H, Lk, D), v=rand(B, H, Lk, D))
     kw = dict(causal=causal)
     if P is not None:
@@ -42,7 +57,8 @@ def make_case(B=2, H=2, Lq=17, Lk=17, D=16, P=7, bank=None, mask="ragged", causa
 
 
 def run(fn, t, kw, do, dtype=None):
-    """Output and the gradients of every tensor input of fn (attention or attention_math), in `dtype`."""
+    """Output and the gradients of every tensor input of fn (attention or attention_math), in
+    `dtype`."""
     leaves = {n: x.detach().to(dtype or x.dtype).requires_grad_() for n, x in t.items()}
     out = fn(**leaves, **kw)
     grads = torch.autograd.grad(out, list(leaves.values()), do.to(out.dtype))
@@ -51,11 +67,15 @@ def run(fn, t, kw, do, dtype=None):
 
 def errors(out, grads, ref_out, ref_grads):
     """Max-abs error of the output ("o") and of each gradient (0 for an empty one, e.g. P = 0)."""
-    err = lambda a, b: (a.double() - b).abs().max().item() if a.numel() else 0.0
+
+    def err(a, b):
+        return (a.double() - b).abs().max().item() if a.numel() else 0.0
+
     return {"o": err(out, ref_out), **{n: err(grads[n], ref_grads[n]) for n in grads}}
 
 
-CASES = {  # name: make_case arguments; together they cover lengths 1/15/17/33, P 0/1/7/33, Lq != Lk, causal
+# name: make_case arguments; together they cover lengths 1/15/17/33, P 0/1/7/33, Lq != Lk, causal
+CASES = {
     "encoder": dict(Lq=17, Lk=17, P=7),
     "encoder-p0-d32": dict(Lq=33, Lk=33, D=32, P=0),
     "cross-bank-p33": dict(B=3, Lq=15, Lk=33, P=33, bank=4),
@@ -73,7 +93,8 @@ CASES = {  # name: make_case arguments; together they cover lengths 1/15/17/33, 
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_fp32_matches_math_fp64(name):
-    """fp32 kernel output and gradients (q, k, v, prefix K/V) vs attention_math in float64: <= 1e-5 / 2e-5."""
+    """fp32 kernel output and gradients (q, k, v, prefix K/V) vs attention_math in float64: <=
+    1e-5 / 2e-5."""
     t, kw, do = make_case(**CASES[name])
     out, grads = run(attention, t, kw, do)
     ref_out, ref_grads = run(attention_math, t, kw, do, torch.float64)
@@ -82,14 +103,17 @@ def test_fp32_matches_math_fp64(name):
     assert all(e[n] <= 2e-5 for n in grads), e
     if "prefix_index" in kw and t["prefix_k"].shape[2] > 0:  # ids [2, 0, 2]: entries 1 and 3 unused
         for n in ("prefix_k", "prefix_v"):
-            assert (grads[n][1] == 0).all() and (grads[n][3] == 0).all(), "an unused bank entry got a gradient"
+            assert (grads[n][1] == 0).all() and (grads[n][3] == 0).all(), (
+                "an unused bank entry got a gradient"
+            )
             assert grads[n][2].abs().sum() > 0
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("name", list(CASES))
 def test_low_precision_within_pytorch_error(name, dtype):
-    """fp16/bf16 kernel vs float64 math: error <= 2x (output) / 3x (gradients) that of math run in the dtype."""
+    """fp16/bf16 kernel vs float64 math: error <= 2x (output) / 3x (gradients) that of math run
+    in the dtype."""
     t, kw, do = make_case(**CASES[name], dtype=dtype)
     out, grads = run(attention, t, kw, do)
     assert out.dtype == dtype and all(g.dtype == dtype for g in grads.values())
@@ -101,7 +125,8 @@ def test_low_precision_within_pytorch_error(name, dtype):
 
 
 def test_model_views_and_expanded_prefix():
-    """Model-layout views (transposed q/k/v, bank[:, i, 0], expanded prefix) vs contiguous copies / float64 math."""
+    """Model-layout views (transposed q/k/v, bank[:, i, 0], expanded prefix) vs contiguous copies
+    / float64 math."""
     B, H, T, S, D, P = 3, 2, 15, 17, 16, 7
     g = torch.Generator().manual_seed(1)
     x = torch.randn(B, T, H, D, generator=g).transpose(1, 2)  # the model's split_heads layout
@@ -115,11 +140,23 @@ def test_model_views_and_expanded_prefix():
     copies = {n: t.contiguous() for n, t in views.items()}
     kw = dict(key_padding_mask=mask, causal=True, prefix_index=ids)
     for a, b in zip(run(attention, views, kw, do), run(attention, copies, kw, do)):
-        a, b = (a, b) if isinstance(a, torch.Tensor) else (torch.cat([x.flatten() for x in a.values()]),
-                                                           torch.cat([x.flatten() for x in b.values()]))
+        a, b = (
+            (a, b)
+            if isinstance(a, torch.Tensor)
+            else (
+                torch.cat([x.flatten() for x in a.values()]),
+                torch.cat([x.flatten() for x in b.values()]),
+            )
+        )
         assert (a - b).abs().max() <= 1e-6
-    shared = dict(q=x, k=k, v=v, prefix_k=torch.randn(1, P, D).expand(H, P, D),  # stride 0 over heads
-                  prefix_v=torch.randn(H, 1, D).expand(H, P, D))  # stride 0 over prefix positions
+    # stride 0 over heads
+    shared = dict(
+        q=x,
+        k=k,
+        v=v,
+        prefix_k=torch.randn(1, P, D).expand(H, P, D),
+        prefix_v=torch.randn(H, 1, D).expand(H, P, D),
+    )  # stride 0 over prefix positions
     out, grads = run(attention, shared, dict(key_padding_mask=mask), do)
     ref_out, ref_grads = run(attention_math, shared, dict(key_padding_mask=mask), do, torch.float64)
     e = errors(out, grads, ref_out, ref_grads)
@@ -127,7 +164,8 @@ def test_model_views_and_expanded_prefix():
 
 
 def test_fully_padded_row_is_zero_not_nan():
-    """A fully padded row vs float64 math: 0 and zero gradients, no NaN, at P = 0; the prefix only at P = 7."""
+    """A fully padded row vs float64 math: 0 and zero gradients, no NaN, at P = 0; the prefix
+    only at P = 7."""
     for P in (None, 7):
         t, kw, do = make_case(B=2, Lq=15, Lk=17, P=P)
         kw["key_padding_mask"][1] = False
@@ -140,11 +178,16 @@ def test_fully_padded_row_is_zero_not_nan():
 
 
 def test_nan_in_padded_keys_does_not_leak():
-    """NaN/inf planted in padded K/V vs clean inputs: bitwise equal outputs and gradients; padded dK, dV exactly 0."""
+    """NaN/inf planted in padded K/V vs clean inputs: bitwise equal outputs and gradients; padded
+    dK, dV exactly 0."""
     for causal in (False, True):
         t, kw, do = make_case(B=3, Lq=15, Lk=33, P=7, bank=4, causal=causal)
         padded = ~kw["key_padding_mask"][:, None, :, None].expand_as(t["k"])
-        dirty = dict(t, k=t["k"].masked_fill(padded, float("nan")), v=t["v"].masked_fill(padded, float("inf")))
+        dirty = dict(
+            t,
+            k=t["k"].masked_fill(padded, float("nan")),
+            v=t["v"].masked_fill(padded, float("inf")),
+        )
         clean_out, clean_grads = run(attention, t, kw, do)
         out, grads = run(attention, dirty, kw, do)
         assert torch.equal(out, clean_out)
@@ -153,7 +196,8 @@ def test_nan_in_padded_keys_does_not_leak():
 
 
 def test_two_runs_bitwise_identical():
-    """Two forward + backward runs (per-row ids with repeats) give bitwise identical outputs and gradients."""
+    """Two forward + backward runs (per-row ids with repeats) give bitwise identical outputs and
+    gradients."""
     t, kw, do = make_case(B=3, Lq=17, Lk=33, P=33, bank=4, causal=True)
     (o1, g1), (o2, g2) = run(attention, t, kw, do), run(attention, t, kw, do)
     assert torch.equal(o1, o2) and all(torch.equal(g1[n], g2[n]) for n in g1)
@@ -171,7 +215,8 @@ def test_rejects_what_it_does_not_support():
 
 
 def test_interpreter_hygiene():
-    """Without CUDA the conftest made Triton interpret; one config is chosen in Python; bf16 is upcast there."""
+    """Without CUDA the conftest made Triton interpret; one config is chosen in Python; bf16 is
+    upcast there."""
     if torch.cuda.is_available():
         pytest.skip("CUDA present: the kernels are compiled, not interpreted")
     assert _interpreting()
@@ -182,11 +227,21 @@ def test_interpreter_hygiene():
 
 @pytest.mark.parametrize("bank", [False, True])
 def test_tiny_bart_triton_equals_math(bank):
-    """Tiny BART with 3 prefix sites, attn_impl "triton" vs "math": logits, parameter and prefix gradients <= 1e-4."""
+    """Tiny BART with 3 prefix sites, attn_impl "triton" vs "math": logits, parameter and prefix
+    gradients <= 1e-4."""
     torch.manual_seed(0)
-    cfg = BARTConfig(vocab_size=64, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
-                     decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
-                     dropout=0.0)
+    cfg = BARTConfig(
+        vocab_size=64,
+        d_model=32,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_position_embeddings=64,
+        dropout=0.0,
+    )
     model = BART(cfg)
     shape = (3, 1, 2, 2, 5, 16) if bank else (1, 2, 2, 5, 16)  # ([N,] layers, K/V, H, P, head dim)
     sites = {s: torch.randn(*shape, requires_grad=True) for s in ("encoder", "decoder", "cross")}
@@ -214,13 +269,19 @@ def test_tiny_bart_triton_equals_math(bank):
         assert all((t.grad[1] == 0).all() for t in sites.values())
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the full GPU check is kernels/gpu_check.py)")
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA (the full GPU check is kernels/gpu_check.py)"
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_gpu_compiles_and_matches(dtype):
-    """GPU: the production tiles compile and match float64 math by the same rules (one cross-attention case)."""
+    """GPU: the production tiles compile and match float64 math by the same rules (one
+    cross-attention case)."""
     t, kw, do = make_case(B=3, Lq=100, Lk=203, D=64, P=33, bank=4, dtype=dtype)
-    t, kw, do = ({n: x.cuda() for n, x in t.items()}, {n: x.cuda() if torch.is_tensor(x) else x
-                                                      for n, x in kw.items()}, do.cuda())
+    t, kw, do = (
+        {n: x.cuda() for n, x in t.items()},
+        {n: x.cuda() if torch.is_tensor(x) else x for n, x in kw.items()},
+        do.cuda(),
+    )
     out, grads = run(attention, t, kw, do)
     ref = run(attention_math, t, kw, do, torch.float64)
     e = errors(out, grads, *ref)
@@ -228,4 +289,7 @@ def test_gpu_compiles_and_matches(dtype):
         assert e["o"] <= 1e-5 and all(e[n] <= 2e-5 for n in grads), e
     else:
         e_torch = errors(*run(attention_math, t, kw, do), *ref)
-        assert e["o"] <= 2 * e_torch["o"] and all(e[n] <= 3 * e_torch[n] for n in grads), (e, e_torch)
+        assert e["o"] <= 2 * e_torch["o"] and all(e[n] <= 3 * e_torch[n] for n in grads), (
+            e,
+            e_torch,
+        )

@@ -1,8 +1,10 @@
-"""The shipped base (checkpoints/base/, the stand-in for AthenaTest's unreleased weights) and what made it: its files
-check against SHA256SUMS with coreutils' sha256sum and a changed byte is refused by the loader; training.json holds
-what customization reads and totals that agree with its own log; the base reads its input on Java it never saw
-(the fixture project); and the pieces of its recipe: bf16 autocast against the fp32 loss, the whole-Java
-denoising text. Run: `make test`."""
+"""The shipped base (checkpoints/base/, the stand-in for AthenaTest's unreleased weights) and
+what made it: its files check against SHA256SUMS with coreutils' sha256sum and a changed byte is
+refused by the loader; training.json holds what customization reads and totals that agree with
+its own log; the base reads its input on Java it never saw (the fixture project); and the pieces
+of its recipe: bf16 autocast against the fp32 loss, the whole-Java denoising text. Run: `make
+test`."""
+
 import json
 import shutil
 import subprocess
@@ -24,7 +26,9 @@ FIXTURE = ROOT / "tests" / "fixtures" / "java" / "rules"
 
 
 def test_files_match_sha256sums_and_a_changed_byte_is_refused(tmp_path):
-    sums = subprocess.run(["sha256sum", "-c", "SHA256SUMS"], cwd=SHIPPED, capture_output=True, text=True)
+    sums = subprocess.run(
+        ["sha256sum", "-c", "SHA256SUMS"], cwd=SHIPPED, capture_output=True, text=True
+    )
     assert sums.returncode == 0, sums.stdout + sums.stderr
     listed = {line.split()[1] for line in (SHIPPED / "SHA256SUMS").read_text().splitlines()}
     assert listed == {p.name for p in SHIPPED.iterdir()} - {"SHA256SUMS"}
@@ -33,7 +37,9 @@ def test_files_match_sha256sums_and_a_changed_byte_is_refused(tmp_path):
     weights = bytearray((copy / "model.safetensors").read_bytes())
     weights[-1] ^= 1  # one bit of the last tensor's last element
     (copy / "model.safetensors").write_bytes(bytes(weights))
-    with pytest.raises(ValueError, match=r"model.safetensors: sha256 .* is not the .*SHA256SUMS records"):
+    with pytest.raises(
+        ValueError, match=r"model.safetensors: sha256 .* is not the .*SHA256SUMS records"
+    ):
         BART.from_pretrained(copy)
 
 
@@ -41,8 +47,13 @@ def test_training_json_is_what_the_loader_expects():
     trained = json.loads((SHIPPED / "training.json").read_text())
     assert set(runs.CARRIED) <= set(trained) and (SHIPPED / trained["tokenizer"]).is_file()
     model = BART.from_pretrained(SHIPPED)
-    preset = config_from_preset(trained["preset"], vocab_size=load_tokenizer(SHIPPED / "tokenizer.json").get_vocab_size())
-    assert model.config.d_model == preset.d_model and model.num_parameters() == BART(preset).num_parameters()
+    preset = config_from_preset(
+        trained["preset"], vocab_size=load_tokenizer(SHIPPED / "tokenizer.json").get_vocab_size()
+    )
+    assert (
+        model.config.d_model == preset.d_model
+        and model.num_parameters() == BART(preset).num_parameters()
+    )
     assert trained["preset"] in PRESETS and trained["weights_dtype"] == "bf16"
     # the totals are the stages' sums, and the last stage's PF-s is its log's last line
     for k in ("steps", "tokens", "pf_s_exact", "pf_s_paper"):
@@ -55,15 +66,24 @@ def test_training_json_is_what_the_loader_expects():
 
 
 def test_reads_its_input_on_java_it_never_saw(tmp_path):
-    """source_gain on the fixture project's pairs (a project in no corpus): the perplexity of each test with
-    another focal class's source over the perplexity with its own. 1.0 means the base ignores its input."""
+    """source_gain on the fixture project's pairs (a project in no corpus): the perplexity of
+    each test with another focal class's source over the perplexity with its own. 1.0 means the
+    base ignores its input."""
     records = mine.mine(FIXTURE, "rules", warn=lambda *a, **k: None)[0]
     trained = json.loads((SHIPPED / "training.json").read_text())
     tok = load_tokenizer(SHIPPED / trained["tokenizer"])
-    src, tgt, _ = encode_pairs(tok, records, trained["max_src_len"], trained["max_tgt_len"],
-                               src_key=f"src_{trained['focal_context']}")
+    src, tgt, _ = encode_pairs(
+        tok,
+        records,
+        trained["max_src_len"],
+        trained["max_tgt_len"],
+        src_key=f"src_{trained['focal_context']}",
+    )
     classes = [r["focal_class"]["identifier"] for r in records]
-    other = [next(j for j in range(len(records)) if classes[j] != classes[i]) for i in range(len(records))]
+    other = [
+        next(j for j in range(len(records)) if classes[j] != classes[i])
+        for i in range(len(records))
+    ]
     model = BART.from_pretrained(SHIPPED)
     targets = [t[1:] for t in tgt]
     nll = evaluate.source_nll(model, src, targets, [src[j] for j in other], 8, "cpu")
@@ -73,7 +93,8 @@ def test_reads_its_input_on_java_it_never_saw(tmp_path):
 
 
 def test_bf16_autocast_loss_is_the_fp32_loss_to_bf16_precision():
-    """One batch through the tiny preset: the loss under bf16 autocast (fp32 weights) against the fp32 loss."""
+    """One batch through the tiny preset: the loss under bf16 autocast (fp32 weights) against the
+    fp32 loss."""
     torch.manual_seed(0)
     model = BART(config_from_preset("tiny", vocab_size=512, dropout=0.0)).eval()
     src = [[0] + torch.randint(4, 512, (n,)).tolist() + [2] for n in (17, 40, 63)]
@@ -85,18 +106,31 @@ def test_bf16_autocast_loss_is_the_fp32_loss_to_bf16_precision():
 
 
 def test_whole_java_denoising_text(tmp_path):
-    """Every .java file but the excluded ones, the licence header dropped, whitespace collapsed, in a seeded order,
-    capped at max_chars; a project without a source tree is an error naming the command that fetches it."""
+    """Every .java file but the excluded ones, the licence header dropped, whitespace collapsed,
+    in a seeded order, capped at max_chars; a project without a source tree is an error naming
+    the command that fetches it."""
     root = tmp_path / "src"
     (root / "p" / "a").mkdir(parents=True)
-    (root / "p" / "a" / "A.java").write_text("/* Licence\n * text */\npackage a;\n\nclass A {\n  int x;\n}\n")
-    (root / "p" / "a" / "B.java").write_text("import java.util.List;\nclass B { List<String> y; }\n")
+    (root / "p" / "a" / "A.java").write_text(
+        "/* Licence\n * text */\npackage a;\n\nclass A {\n  int x;\n}\n"
+    )
+    (root / "p" / "a" / "B.java").write_text(
+        "import java.util.List;\nclass B { List<String> y; }\n"
+    )
     (root / "p" / "a" / "BTest.java").write_text("package a;\nclass BTest {}\n")
     (root / "p" / "notes.txt").write_text("not Java")
     texts = denoise.java_files(["p"], {("p", "a/BTest.java")}, max_chars=10_000, src_root=root)
-    assert sorted(texts) == ["import java.util.List; class B { List<String> y; }", "package a; class A { int x; }"]
-    assert texts == denoise.java_files(["p"], {("p", "a/BTest.java")}, max_chars=10_000, src_root=root)
+    assert sorted(texts) == [
+        "import java.util.List; class B { List<String> y; }",
+        "package a; class A { int x; }",
+    ]
+    assert texts == denoise.java_files(
+        ["p"], {("p", "a/BTest.java")}, max_chars=10_000, src_root=root
+    )
     capped = denoise.java_files(["p"], set(), max_chars=60, src_root=root)
-    assert sum(map(len, capped)) <= 60 and 0 < len(capped) < 3  # a file that would cross the cap is left out
-    with pytest.raises(FileNotFoundError, match=r"'q' has no source tree .*`python -m data.fetch q`"):
+    # a file that would cross the cap is left out
+    assert sum(map(len, capped)) <= 60 and 0 < len(capped) < 3
+    with pytest.raises(
+        FileNotFoundError, match=r"'q' has no source tree .*`python -m data.fetch q`"
+    ):
         denoise.java_files(["q"], set(), max_chars=10, src_root=root)

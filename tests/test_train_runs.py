@@ -1,8 +1,9 @@
-"""train.py, the run around the loop: kill -9 + resume equals an uninterrupted run bit for bit (CPU); a resume with
-another setting is refused and a log line cut by a kill is survived; bad input fails clearly; torchrun data
-parallel on CPU (gloo) sums what each rank ran; attention dropout with the Triton kernel is a printed choice; the
-base's two stages (and a denoising mix), word dropout on its pair steps only, and the training.json it carries.
-Run: `make test`."""
+"""train.py, the run around the loop: kill -9 + resume equals an uninterrupted run bit for bit
+(CPU); a resume with another setting is refused and a log line cut by a kill is survived; bad
+input fails clearly; torchrun data parallel on CPU (gloo) sums what each rank ran; attention
+dropout with the Triton kernel is a printed choice; the base's two stages (and a denoising mix),
+word dropout on its pair steps only, and the training.json it carries. Run: `make test`."""
+
 import json
 import os
 import signal
@@ -23,12 +24,21 @@ from train_fixtures import ROOT, args, records, workspace  # noqa: F401 (fixture
 
 
 def run_cli(d, name, extra=(), wait_for_evals=None):
-    cmd = [sys.executable, os.path.join(ROOT, "train.py")] + args(d, name=name, strategy="custom", max_steps=18) + list(extra)
+    cmd = (
+        [sys.executable, os.path.join(ROOT, "train.py")]
+        + args(d, name=name, strategy="custom", max_steps=18)
+        + list(extra)
+    )
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
-    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    if wait_for_evals:  # kill -9 once that many evaluations are logged (mid-run, no chance to clean up)
+    p = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    # kill -9 once that many evaluations are logged (mid-run, no chance to clean up)
+    if wait_for_evals:
         log = d / "runs" / name / "log.jsonl"
-        while p.poll() is None and not (log.exists() and len(log.read_text().splitlines()) >= wait_for_evals):
+        while p.poll() is None and not (
+            log.exists() and len(log.read_text().splitlines()) >= wait_for_evals
+        ):
             time.sleep(0.05)
         p.send_signal(signal.SIGKILL)
     out = p.communicate()[0]
@@ -36,7 +46,8 @@ def run_cli(d, name, extra=(), wait_for_evals=None):
 
 
 def test_kill_and_resume_equals_uninterrupted(workspace):
-    """A run killed with SIGKILL and resumed ends with bit-identical validation losses and weights."""
+    """A run killed with SIGKILL and resumed ends with bit-identical validation losses and
+    weights."""
     d, _ = workspace
     rc, out = run_cli(d, "straight")
     assert rc == 0, out
@@ -46,17 +57,25 @@ def test_kill_and_resume_equals_uninterrupted(workspace):
     assert rc == 0 and "resumed" in out, out
     a = [json.loads(x) for x in open(d / "runs" / "straight" / "log.jsonl")]
     b = [json.loads(x) for x in open(d / "runs" / "killed" / "log.jsonl")]
-    assert [x["val_loss"] for x in a] == [x["val_loss"] for x in b] and [x["step"] for x in a] == [x["step"] for x in b]
-    wa, wb = load_file(d / "runs" / "straight" / "best.safetensors"), load_file(d / "runs" / "killed" / "best.safetensors")
+    assert [x["val_loss"] for x in a] == [x["val_loss"] for x in b] and [x["step"] for x in a] == [
+        x["step"] for x in b
+    ]
+    wa, wb = (
+        load_file(d / "runs" / "straight" / "best.safetensors"),
+        load_file(d / "runs" / "killed" / "best.safetensors"),
+    )
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 def test_bad_input_fails_clearly(workspace, tmp_path):
-    """Unknown key, wrong type, unknown project, too few classes, vocabulary mismatch, resuming a run with another
-    strategy, unwritable folder."""
+    """Unknown key, wrong type, unknown project, too few classes, vocabulary mismatch, resuming a
+    run with another strategy, unwritable folder."""
     d, _ = workspace
-    for argv, msg in [(["--nope=1"], "unknown setting 'nope'"), (["--batch_size=x"], "not a valid int"),
-                      (["--strategy=magic"], "unknown strategy 'magic'")]:
+    for argv, msg in [
+        (["--nope=1"], "unknown setting 'nope'"),
+        (["--batch_size=x"], "not a valid int"),
+        (["--strategy=magic"], "unknown strategy 'magic'"),
+    ]:
         with pytest.raises(SystemExit, match=msg):
             train.main(argv)
     with pytest.raises(KeyError, match="unknown project 'no-such-project'"):
@@ -69,22 +88,61 @@ def test_bad_input_fails_clearly(workspace, tmp_path):
     other.save(str(tmp_path / "other.json"))
     with pytest.raises(ValueError, match="tokenizer has"):
         train.main(args(d, name="v", tokenizer=tmp_path / "other.json"))
-    train.main(args(d, name="other", strategy="custom", max_steps=3, eval_interval=3, out_dir=tmp_path / "runs"))
-    with pytest.raises(SystemExit, match=r"other settings \(strategy: 'custom' -> 'lldb'; lr: "):  # resume, other strategy
-        train.main(args(d, name="other", strategy="lldb", max_steps=6, eval_interval=3, out_dir=tmp_path / "runs"))
-    (tmp_path / "afile").write_text("")  # a folder under a regular file cannot be made, not even by root
+    train.main(
+        args(
+            d,
+            name="other",
+            strategy="custom",
+            max_steps=3,
+            eval_interval=3,
+            out_dir=tmp_path / "runs",
+        )
+    )
+    # resume, other strategy
+    with pytest.raises(SystemExit, match=r"other settings \(strategy: 'custom' -> 'lldb'; lr: "):
+        train.main(
+            args(
+                d,
+                name="other",
+                strategy="lldb",
+                max_steps=6,
+                eval_interval=3,
+                out_dir=tmp_path / "runs",
+            )
+        )
+    # a folder under a regular file cannot be made, not even by root
+    (tmp_path / "afile").write_text("")
     with pytest.raises(SystemExit, match="cannot write the run folder"):
         train.main(args(d, name="x", out_dir=tmp_path / "afile" / "runs"))
 
 
-@pytest.mark.parametrize("setting, value", [
-    ("grad_clip", "-1"), ("grad_clip", "0"), ("min_lr_ratio", "-5"), ("max_src_len", "-1"), ("max_tgt_len", "2"),
-    ("max_steps", "-5"), ("patience", "0"), ("eval_interval", "0"), ("grad_accum", "0"), ("batch_size", "0"),
-    ("prefix_len", "0"), ("mask_ratio", "2"), ("dropout", "1"), ("lr", "-1e-3"), ("k_folds", "1"), ("fold", "4"),
-    ("warmup_steps", "0"), ("beta2", "1"), ("device", "nope")])
+@pytest.mark.parametrize(
+    "setting, value",
+    [
+        ("grad_clip", "-1"),
+        ("grad_clip", "0"),
+        ("min_lr_ratio", "-5"),
+        ("max_src_len", "-1"),
+        ("max_tgt_len", "2"),
+        ("max_steps", "-5"),
+        ("patience", "0"),
+        ("eval_interval", "0"),
+        ("grad_accum", "0"),
+        ("batch_size", "0"),
+        ("prefix_len", "0"),
+        ("mask_ratio", "2"),
+        ("dropout", "1"),
+        ("lr", "-1e-3"),
+        ("k_folds", "1"),
+        ("fold", "4"),
+        ("warmup_steps", "0"),
+        ("beta2", "1"),
+        ("device", "nope"),
+    ],
+)
 def test_out_of_range_settings_are_refused_before_any_work(workspace, tmp_path, setting, value):
-    """A setting outside its range (train.BOUNDS) is one line naming it and its rule, before the data is read:
-    no run folder is made."""
+    """A setting outside its range (train.BOUNDS) is one line naming it and its rule, before the
+    data is read: no run folder is made."""
     d, _ = workspace
     with pytest.raises(SystemExit, match=rf"^--{setting}=\S+: must be "):
         train.main(args(d, name="bad", out_dir=tmp_path / "runs", **{setting: value}))
@@ -92,14 +150,22 @@ def test_out_of_range_settings_are_refused_before_any_work(workspace, tmp_path, 
 
 
 def test_a_run_is_bound_to_its_corpus(workspace, tmp_path):
-    """The corpus rewritten at the same path (one test changed): resuming the run and scoring it are refused by
-    name, since its folds may now put training examples in the test fold."""
+    """The corpus rewritten at the same path (one test changed): resuming the run and scoring it
+    are refused by name, since its folds may now put training examples in the test fold."""
     import evaluate
+
     d, _ = workspace
     corpus = tmp_path / "demo.jsonl"
     lines = (d / "demo.jsonl").read_text().splitlines()
     corpus.write_text("\n".join(lines) + "\n")
-    kw = dict(name="bound", project=corpus, out_dir=tmp_path / "runs", strategy="lldb", max_steps=3, eval_interval=3)
+    kw = dict(
+        name="bound",
+        project=corpus,
+        out_dir=tmp_path / "runs",
+        strategy="lldb",
+        max_steps=3,
+        eval_interval=3,
+    )
     train.main(args(d, **kw))
     record = json.loads(lines[0])
     record["tgt"] = record["tgt"].replace("assertEquals", "assertSame")
@@ -111,11 +177,13 @@ def test_a_run_is_bound_to_its_corpus(workspace, tmp_path):
 
 
 def test_a_foreign_bases_lengths_fit_its_position_table(workspace, tmp_path, capsys):
-    """A base without training.json (the fixture's: 128 positions): the default lengths of 1024 are cut to 128 and
-    said; a length given beyond 128 is refused by name."""
+    """A base without training.json (the fixture's: 128 positions): the default lengths of 1024
+    are cut to 128 and said; a length given beyond 128 is refused by name."""
     d, _ = workspace
     kw = dict(name="fit", out_dir=tmp_path / "runs", strategy="lldb", max_steps=1, eval_interval=1)
-    with pytest.raises(SystemExit, match=r"--max_src_len=2000 is longer than the base's position table \(128"):
+    with pytest.raises(
+        SystemExit, match=r"--max_src_len=2000 is longer than the base's position table \(128"
+    ):
         train.main(args(d, **kw, max_src_len=2000))
     train.main(args(d, **kw))
     assert "max_src_len: 1024 cut to 128" in capsys.readouterr().out
@@ -124,19 +192,30 @@ def test_a_foreign_bases_lengths_fit_its_position_table(workspace, tmp_path, cap
 
 
 def test_bad_records_are_named_by_line(workspace, tmp_path):
-    """A record whose tgt is not text, one without an id, one without the base's focal context: errors naming the
-    file and line (or the record) and what to do, not a KeyError's bare key."""
+    """A record whose tgt is not text, one without an id, one without the base's focal context:
+    errors naming the file and line (or the record) and what to do, not a KeyError's bare key."""
     d, _ = workspace
     good = [json.loads(x) for x in (d / "demo.jsonl").read_text().splitlines()]
-    cases = [({**good[1], "tgt": 7}, r"bad.jsonl:2: a record with tgt not text: mine the corpus again"),
-             ({k: v for k, v in good[1].items() if k != "id"}, r"bad.jsonl:2: a record with no id: mine")]
+    cases = [
+        ({**good[1], "tgt": 7}, r"bad.jsonl:2: a record with tgt not text: mine the corpus again"),
+        (
+            {k: v for k, v in good[1].items() if k != "id"},
+            r"bad.jsonl:2: a record with no id: mine",
+        ),
+    ]
     for record, msg in cases:
-        (tmp_path / "bad.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [good[0], record, *good[2:]]))
+        (tmp_path / "bad.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in [good[0], record, *good[2:]])
+        )
         with pytest.raises(ValueError, match=msg):
-            train.main(args(d, name="bad", project=tmp_path / "bad.jsonl", out_dir=tmp_path / "runs"))
+            train.main(
+                args(d, name="bad", project=tmp_path / "bad.jsonl", out_dir=tmp_path / "runs")
+            )
     lacking = [{k: v for k, v in r.items() if k != "src_fm_fc_ms_ff"} for r in good]
     (tmp_path / "bad.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lacking))
-    with pytest.raises(SystemExit, match=r"has no 'src_fm_fc_ms_ff', the focal context the base reads"):
+    with pytest.raises(
+        SystemExit, match=r"has no 'src_fm_fc_ms_ff', the focal context the base reads"
+    ):
         train.main(args(d, name="bad", project=tmp_path / "bad.jsonl", out_dir=tmp_path / "runs"))
     assert not (tmp_path / "runs").exists()
 
@@ -144,100 +223,187 @@ def test_bad_records_are_named_by_line(workspace, tmp_path):
 def test_save_base_under_a_file_is_refused_before_training(workspace, tmp_path):
     d, _ = workspace
     (tmp_path / "afile").write_text("x")
-    for target, msg in ((tmp_path / "afile" / "base", r"afile is a file, not a folder"),
-                        (tmp_path / "afile", r"is a file; a base is saved as a folder")):
+    for target, msg in (
+        (tmp_path / "afile" / "base", r"afile is a file, not a folder"),
+        (tmp_path / "afile", r"is a file; a base is saved as a folder"),
+    ):
         with pytest.raises(SystemExit, match=rf"^--save_base=.*: .*{msg}"):
-            train.main(args(d, name="b", mode="base", out_dir=tmp_path / "runs", save_base=target, denoise_steps=0))
+            train.main(
+                args(
+                    d,
+                    name="b",
+                    mode="base",
+                    out_dir=tmp_path / "runs",
+                    save_base=target,
+                    denoise_steps=0,
+                )
+            )
     assert not (tmp_path / "runs").exists()
 
 
 def test_one_writer_per_run_folder(workspace, tmp_path):
-    """While another process holds a run folder (train.py or evaluate.py on it), a second train.py on it stops with
-    one line naming the holder's pid; once the holder is gone (killed: no clean-up), the run goes ahead."""
+    """While another process holds a run folder (train.py or evaluate.py on it), a second
+    train.py on it stops with one line naming the holder's pid; once the holder is gone (killed:
+    no clean-up), the run goes ahead."""
     d, _ = workspace
     run = tmp_path / "runs" / "locked"
     run.mkdir(parents=True)
-    holder = subprocess.Popen([sys.executable, "-c", "import runs, sys, time; runs.lock_run(sys.argv[1]); "
-                               "print('held', flush=True); time.sleep(60)", str(run)],
-                              cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT}, stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import runs, sys, time; runs.lock_run(sys.argv[1]); "
+            "print('held', flush=True); time.sleep(60)",
+            str(run),
+        ],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": ROOT},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert holder.stdout.readline().strip() == "held"
-    kw = dict(name="locked", out_dir=tmp_path / "runs", strategy="lldb", max_steps=2, eval_interval=2)
+    kw = dict(
+        name="locked", out_dir=tmp_path / "runs", strategy="lldb", max_steps=2, eval_interval=2
+    )
     with pytest.raises(SystemExit, match=rf"runs/locked is in use by process {holder.pid} "):
         train.main(args(d, **kw))
     assert not (run / "log.jsonl").exists()
     holder.send_signal(signal.SIGKILL)
     holder.wait()
-    (run / ".tmp-abc123-last.pt").write_bytes(b"half a checkpoint")  # what a kill inside a save leaves
+    # what a kill inside a save leaves
+    (run / ".tmp-abc123-last.pt").write_bytes(b"half a checkpoint")
     train.main(args(d, **kw))
     assert not (run / ".tmp-abc123-last.pt").exists()
-    strict = lambda line: json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in log.jsonl: not JSON"))
+
+    def strict(line):
+        return json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in log.jsonl: not JSON"))
+
     log = [strict(x) for x in (run / "log.jsonl").read_text().splitlines()]
-    assert [x["step"] for x in log] == [0, 2] and log[0]["train_loss"] is None  # step 0: no training loss yet
+    # step 0: no training loss yet
+    assert [x["step"] for x in log] == [0, 2] and log[0]["train_loss"] is None
     umask = os.umask(0)
     os.umask(umask)
     assert (run / "config.json").stat().st_mode & 0o777 == 0o666 & ~umask  # as open() would make it
 
 
 def test_torchrun_data_parallel_on_cpu(workspace):
-    """torchrun with 2 gloo processes trains a base model and saves it (the multi-GPU path, smoke-tested)."""
+    """torchrun with 2 gloo processes trains a base model and saves it (the multi-GPU path,
+    smoke-tested)."""
     d, _ = workspace
-    with open(d / "big.jsonl", "w") as f:  # base mode validates on one 20th of the test classes: needs > 20
+    # base mode validates on one 20th of the test classes: needs > 20
+    with open(d / "big.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in records(n_classes=25, per_class=1))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
-           os.path.join(ROOT, "train.py")] + args(d, name="ddp", mode="base", base_projects=d / "big.jsonl",
-                                                  save_base=d / "ddp_base", max_steps=4, eval_interval=2,
-                                                  denoise_steps=0, denoise_every=0)  # pairs only: recomputed below
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_port=29517",
+        os.path.join(ROOT, "train.py"),
+    ] + args(
+        d,
+        name="ddp",
+        mode="base",
+        base_projects=d / "big.jsonl",
+        save_base=d / "ddp_base",
+        max_steps=4,
+        eval_interval=2,
+        # pairs only: recomputed below
+        denoise_steps=0,
+        denoise_every=0,
+    )
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
-    assert BART.from_pretrained(d / "ddp_base").config.vocab_size == BART.from_pretrained(d / "base").config.vocab_size
-    # tokens: the sum of what both ranks ran (each half of every global batch), recomputed here from the data plan
+    assert (
+        BART.from_pretrained(d / "ddp_base").config.vocab_size
+        == BART.from_pretrained(d / "base").config.vocab_size
+    )
+    # tokens: the sum of what both ranks ran (each half of every global batch), recomputed here from
+    # the data plan
     cfg, _ = train.parse_args(args(d, mode="base", denoise_steps=0), train.settings)
     train_r, _ = data.holdout(data.load_project(d / "big.jsonl"))
-    src, tgt, _ = encode_pairs(load_tokenizer(d / "tokenizer.json"), train_r, cfg["max_src_len"], cfg["max_tgt_len"],
-                               src_key=f"src_{cfg['focal_context']}")
+    src, tgt, _ = encode_pairs(
+        load_tokenizer(d / "tokenizer.json"),
+        train_r,
+        cfg["max_src_len"],
+        cfg["max_tgt_len"],
+        src_key=f"src_{cfg['focal_context']}",
+    )
     lengths, want, epoch, b = [len(s) + len(t) for s, t in zip(src, tgt)], 0, 0, 0
-    for step in range(4):
+    for _step in range(4):
         plan = train.batches(lengths, 2 * cfg["batch_size"], cfg["seed"], epoch)
         want += sum(len(tgt[i]) - 1 for i in plan[b])
         b = b + 1 if b + 1 < len(plan) else 0
         epoch += b == 0
     log = [json.loads(x) for x in open(d / "runs" / "ddp" / "log.jsonl")]
     assert log[-1]["step"] == 4 and log[-1]["tokens"] == want
-    rng = torch.load(d / "runs" / "ddp" / "last.pt", weights_only=True)["rng"]  # each rank's own generator state
+    # each rank's own generator state
+    rng = torch.load(d / "runs" / "ddp" / "last.pt", weights_only=True)["rng"]
     assert len(rng) == 2 and not torch.equal(rng[0]["cpu"], rng[1]["cpu"])
-    with pytest.raises(SystemExit, match=r"saved by 2 processes, this run has 1"):  # a rank's state cannot be dropped
-        train.main(args(d, name="ddp", mode="base", base_projects=d / "big.jsonl", save_base=d / "ddp_base", max_steps=4,
-                        eval_interval=2, denoise_steps=0, denoise_every=0))
+    # a rank's state cannot be dropped
+    with pytest.raises(SystemExit, match=r"saved by 2 processes, this run has 1"):
+        train.main(
+            args(
+                d,
+                name="ddp",
+                mode="base",
+                base_projects=d / "big.jsonl",
+                save_base=d / "ddp_base",
+                max_steps=4,
+                eval_interval=2,
+                denoise_steps=0,
+                denoise_every=0,
+            )
+        )
 
 
 def test_attention_dropout_with_the_triton_kernel_is_a_printed_choice(workspace, tmp_path, capsys):
-    """A checkpoint with attention_dropout = 0.1 customized with attn_impl=triton: the run's setting (0.0, which the
-    kernel supports) replaces the checkpoint's, and says so; asking for both is refused before anything runs."""
+    """A checkpoint with attention_dropout = 0.1 customized with attn_impl=triton: the run's
+    setting (0.0, which the kernel supports) replaces the checkpoint's, and says so; asking for
+    both is refused before anything runs."""
     d, tok = workspace
     cfg = BART.from_pretrained(d / "base").config
     cfg.attention_dropout = 0.1
     BART(cfg).save_pretrained(tmp_path / "dropout_base")
-    kw = dict(name="t", base=tmp_path / "dropout_base", out_dir=tmp_path / "runs", attn_impl="triton", strategy="lldb",
-              max_steps=1, eval_interval=1)
-    with pytest.raises(SystemExit, match=r"attn_impl=triton has no attention dropout but attention_dropout=0.1"):
+    kw = dict(
+        name="t",
+        base=tmp_path / "dropout_base",
+        out_dir=tmp_path / "runs",
+        attn_impl="triton",
+        strategy="lldb",
+        max_steps=1,
+        eval_interval=1,
+    )
+    with pytest.raises(
+        SystemExit, match=r"attn_impl=triton has no attention dropout but attention_dropout=0.1"
+    ):
         train.main(args(d, **kw, attention_dropout=0.1))
     model = train.main(args(d, **kw))
-    assert "attention_dropout: the checkpoint's 0.1 replaced by this run's 0.0" in capsys.readouterr().out
+    assert (
+        "attention_dropout: the checkpoint's 0.1 replaced by this run's 0.0"
+        in capsys.readouterr().out
+    )
     assert model.config.attention_dropout == 0.0 and model.config.attn_impl == "triton"
 
 
-def test_resume_with_another_setting_is_refused_and_a_cut_log_line_survived(workspace, tmp_path, capsys):
-    """A rerun resumes only with the settings that made the run (another fold would train on its test fold), and a
-    log line cut short by a kill is dropped with a message; a corrupt line elsewhere is an error naming the line."""
+def test_resume_with_another_setting_is_refused_and_a_cut_log_line_survived(
+    workspace, tmp_path, capsys
+):
+    """A rerun resumes only with the settings that made the run (another fold would train on its
+    test fold), and a log line cut short by a kill is dropped with a message; a corrupt line
+    elsewhere is an error naming the line."""
     d, _ = workspace
     kw = dict(name="r", strategy="lldb", max_steps=3, eval_interval=3, out_dir=tmp_path / "runs")
     train.main(args(d, **kw))
-    with pytest.raises(SystemExit, match=r"other settings \(fold: 0 -> 1\).*another --name, or delete"):
+    with pytest.raises(
+        SystemExit, match=r"other settings \(fold: 0 -> 1\).*another --name, or delete"
+    ):
         train.main(args(d, **kw, fold=1))
     log = tmp_path / "runs" / "r" / "log.jsonl"
     lines = log.read_text().splitlines()
-    log.write_text("\n".join(lines) + "\n" + lines[-1][:25])  # a kill in the middle of writing a line
+    # a kill in the middle of writing a line
+    log.write_text("\n".join(lines) + "\n" + lines[-1][:25])
     train.main(args(d, **{**kw, "max_steps": 6}))  # max_steps may change: the run goes on
     assert "dropping a partial last line" in capsys.readouterr().out
     assert [json.loads(x)["step"] for x in log.read_text().splitlines()] == [0, 3, 6]
@@ -245,6 +411,7 @@ def test_resume_with_another_setting_is_refused_and_a_cut_log_line_survived(work
     with pytest.raises(SystemExit, match=r"log.jsonl:1: corrupt log line"):
         train.main(args(d, **{**kw, "max_steps": 9}))
     import shutil  # the same base path holding another base: the run is not continued on it
+
     shutil.copytree(d / "base", tmp_path / "base")
     train.main(args(d, **{**kw, "name": "rb", "base": tmp_path / "base"}))
     torch.manual_seed(1)
@@ -254,56 +421,115 @@ def test_resume_with_another_setting_is_refused_and_a_cut_log_line_survived(work
 
 
 def test_base_two_stages_and_training_json(workspace, tmp_path, capsys):
-    """make base's shape: denoising steps, then supervised ones, each logged with its stage and source_gain; the
-    saved base carries training.json; a customization inherits it and refuses a conflicting setting by name."""
+    """make base's shape: denoising steps, then supervised ones, each logged with its stage and
+    source_gain; the saved base carries training.json; a customization inherits it and refuses a
+    conflicting setting by name."""
     d, _ = workspace
-    with open(tmp_path / "big.jsonl", "w") as f:  # base mode holds out 5% of the test classes: needs > 20
+    # base mode holds out 5% of the test classes: needs > 20
+    with open(tmp_path / "big.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in records(n_classes=25, per_class=2))
-    train.main(args(d, name="b", mode="base", base_projects=tmp_path / "big.jsonl", save_base=tmp_path / "base",
-                    out_dir=tmp_path / "runs", denoise_steps=3, max_steps=6, focal_context="fm", max_src_len=40,
-                    max_tgt_len=48))
+    train.main(
+        args(
+            d,
+            name="b",
+            mode="base",
+            base_projects=tmp_path / "big.jsonl",
+            save_base=tmp_path / "base",
+            out_dir=tmp_path / "runs",
+            denoise_steps=3,
+            max_steps=6,
+            focal_context="fm",
+            max_src_len=40,
+            max_tgt_len=48,
+        )
+    )
     log = [json.loads(x) for x in open(tmp_path / "runs" / "b" / "log.jsonl")]
     assert [(x["step"], x["stage"]) for x in log] == [(3, "denoise"), (6, "supervised")]
-    assert all(x["source_gain"] > 0 and "val_loss_empty_source" in x and "encoder_spread" in x for x in log)
-    train.main(args(d, name="mix", mode="base", base_projects=tmp_path / "big.jsonl", save_base=tmp_path / "mix",
-                    out_dir=tmp_path / "runs", denoise_steps=2, denoise_every=2, max_steps=6, eval_interval=3))
-    mix = [json.loads(x) for x in open(tmp_path / "runs" / "mix" / "log.jsonl")]  # steps 0, 1 denoise; then 3, 5
-    assert [(x["step"], x["stage"], x["denoising_steps"]) for x in mix] == [(2, "denoise", 2), (3, "supervised", 2),
-                                                                           (6, "supervised", 4)]
+    assert all(
+        x["source_gain"] > 0 and "val_loss_empty_source" in x and "encoder_spread" in x for x in log
+    )
+    train.main(
+        args(
+            d,
+            name="mix",
+            mode="base",
+            base_projects=tmp_path / "big.jsonl",
+            save_base=tmp_path / "mix",
+            out_dir=tmp_path / "runs",
+            denoise_steps=2,
+            denoise_every=2,
+            max_steps=6,
+            eval_interval=3,
+        )
+    )
+    # steps 0, 1 denoise; then 3, 5
+    mix = [json.loads(x) for x in open(tmp_path / "runs" / "mix" / "log.jsonl")]
+    assert [(x["step"], x["stage"], x["denoising_steps"]) for x in mix] == [
+        (2, "denoise", 2),
+        (3, "supervised", 2),
+        (6, "supervised", 4),
+    ]
     trained = json.load(open(tmp_path / "base" / "training.json"))
-    assert {k: trained[k] for k in runs.CARRIED} == dict(tokenizer="tokenizer.json", focal_context="fm",
-                                                          max_src_len=40, max_tgt_len=48)
-    # the folder is self-contained: its tokenizer, its log, the totals of the run, bf16 weights, SHA256SUMS
-    assert (tmp_path / "base" / "tokenizer.json").read_bytes() == (d / "tokenizer.json").read_bytes()
-    assert (tmp_path / "base" / "log.jsonl").read_bytes() == (tmp_path / "runs" / "b" / "log.jsonl").read_bytes()
+    assert {k: trained[k] for k in runs.CARRIED} == dict(
+        tokenizer="tokenizer.json", focal_context="fm", max_src_len=40, max_tgt_len=48
+    )
+    # the folder is self-contained: its tokenizer, its log, the totals of the run, bf16 weights,
+    # SHA256SUMS
+    assert (tmp_path / "base" / "tokenizer.json").read_bytes() == (
+        d / "tokenizer.json"
+    ).read_bytes()
+    assert (tmp_path / "base" / "log.jsonl").read_bytes() == (
+        tmp_path / "runs" / "b" / "log.jsonl"
+    ).read_bytes()
     assert trained["steps"] == 6 and trained["stages"][0]["denoising_steps"] == 3
     assert trained["pf_s_exact"] == log[-1]["pf_s_exact"] and trained["weights_dtype"] == "bf16"
-    assert {t.dtype for t in load_file(tmp_path / "base" / "model.safetensors").values()} == {torch.bfloat16}
-    sums = subprocess.run(["sha256sum", "-c", "SHA256SUMS"], cwd=tmp_path / "base", capture_output=True, text=True)
+    assert {t.dtype for t in load_file(tmp_path / "base" / "model.safetensors").values()} == {
+        torch.bfloat16
+    }
+    sums = subprocess.run(
+        ["sha256sum", "-c", "SHA256SUMS"], cwd=tmp_path / "base", capture_output=True, text=True
+    )
     assert sums.returncode == 0 and sums.stdout.count(": OK") == 5, sums.stdout + sums.stderr
-    kw = dict(name="c", base=tmp_path / "base", out_dir=tmp_path / "runs", max_steps=3, eval_interval=3)
-    with pytest.raises(SystemExit, match=r"--focal_context=fm_fc differs from the base's focal_context=fm"):
+    kw = dict(
+        name="c", base=tmp_path / "base", out_dir=tmp_path / "runs", max_steps=3, eval_interval=3
+    )
+    with pytest.raises(
+        SystemExit, match=r"--focal_context=fm_fc differs from the base's focal_context=fm"
+    ):
         train.main(args(d, **kw, focal_context="fm_fc"))
     train.main(args(d, **kw))
     saved = json.load(open(tmp_path / "runs" / "c" / "config.json"))
     assert (saved["focal_context"], saved["max_src_len"], saved["max_tgt_len"]) == ("fm", 40, 48)
 
 
-def test_word_dropout_masks_what_the_decoder_reads_in_pair_steps_only(workspace, tmp_path, monkeypatch):
-    """--word_dropout=1: in a pair step the decoder reads </s> then <mask> at every real position, against the
-    same labels as without it; a denoising step's batch is left as collate made it."""
+def test_word_dropout_masks_what_the_decoder_reads_in_pair_steps_only(
+    workspace, tmp_path, monkeypatch
+):
+    """--word_dropout=1: in a pair step the decoder reads </s> then <mask> at every real
+    position, against the same labels as without it; a denoising step's batch is left as collate
+    made it."""
     d, tok = workspace
     seen, loss_fn = [], train.loss_fn
-    monkeypatch.setattr(train, "loss_fn", lambda m, batch, ac: seen.append(batch) or loss_fn(m, batch, ac))
+    monkeypatch.setattr(
+        train, "loss_fn", lambda m, batch, ac: seen.append(batch) or loss_fn(m, batch, ac)
+    )
     with open(tmp_path / "big.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in records(n_classes=25, per_class=2))
-    common = dict(mode="base", base_projects=tmp_path / "big.jsonl", out_dir=tmp_path / "runs", denoise_steps=0,
-                  denoise_every=2, max_steps=4, eval_interval=4)
+    common = dict(
+        mode="base",
+        base_projects=tmp_path / "big.jsonl",
+        out_dir=tmp_path / "runs",
+        denoise_steps=0,
+        denoise_every=2,
+        max_steps=4,
+        eval_interval=4,
+    )
     for name, p in (("plain", 0.0), ("dropped", 1.0)):
         train.main(args(d, name=name, save_base=tmp_path / name, word_dropout=p, **common))
     plain, dropped = seen[:4], seen[4:]
     mask = tok.token_to_id("<mask>")
-    for step, (a, b) in enumerate(zip(plain, dropped)):  # steps 1 and 3 (0-based) are denoising steps
+    # steps 1 and 3 (0-based) are denoising steps
+    for step, (a, b) in enumerate(zip(plain, dropped)):
         assert torch.equal(a[3], b[3]) and torch.equal(a[0], b[0])
         if step % 2 == 1:
             assert torch.equal(a[2], b[2])
@@ -313,19 +539,44 @@ def test_word_dropout_masks_what_the_decoder_reads_in_pair_steps_only(workspace,
             assert torch.equal(b[2][:, 1:][~real], a[2][:, 1:][~real]) and not (a[2] == mask).any()
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["train.py", "--project={d}/notjson.jsonl", "--tokenizer={d}/tok.json", "--base={d}/no-base"], r"^error: .*notjson.jsonl:1: not a UTF-8 JSON line"),
-    (["train.py", "--mode=base", "--tokenizer={d}/notjson.jsonl"], r"^error: .*notjson.jsonl: not a tokenizer.json"),
-    (["evaluate.py", "{d}"], r"^error: .*: no config.json \(not a run folder\)"),
-    (["-m", "data.tokenizer", "--projects", "no-such-project", "--out", "{d}/t.json"], r"^error: unknown project"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            [
+                "train.py",
+                "--project={d}/notjson.jsonl",
+                "--tokenizer={d}/tok.json",
+                "--base={d}/no-base",
+            ],
+            r"^error: .*notjson.jsonl:1: not a UTF-8 JSON line",
+        ),
+        (
+            ["train.py", "--mode=base", "--tokenizer={d}/notjson.jsonl"],
+            r"^error: .*notjson.jsonl: not a tokenizer.json",
+        ),
+        (["evaluate.py", "{d}"], r"^error: .*: no config.json \(not a run folder\)"),
+        (
+            ["-m", "data.tokenizer", "--projects", "no-such-project", "--out", "{d}/t.json"],
+            r"^error: unknown project",
+        ),
+    ],
+)
 def test_command_line_errors_are_one_line(tmp_path, argv, message):
-    """An expected error at an entry point (data.cli) is one line naming the input, with no traceback."""
+    """An expected error at an entry point (data.cli) is one line naming the input, with no
+    traceback."""
     import re
+
     (tmp_path / "notjson.jsonl").write_text("not json\n")
     train_tokenizer(["a b c"], vocab_size=280, min_frequency=1).save(str(tmp_path / "tok.json"))
     cmd = [sys.executable] + [a.format(d=tmp_path) for a in argv]
-    p = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"},
-                       capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        cmd,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-1500:]
     assert re.search(message, p.stderr.strip().splitlines()[-1]), p.stderr[-500:]

@@ -1,5 +1,7 @@
-"""Shared by tests/test_train.py and tests/test_train_runs.py: a synthetic corpus, a tokenizer and small base
-models, and the command-line settings of a short run (not a test module: pytest does not collect it)."""
+"""Shared by tests/test_train.py and tests/test_train_runs.py: a synthetic corpus, a tokenizer
+and small base models, and the command-line settings of a short run (not a test module: pytest
+does not collect it)."""
+
 import json
 import os
 
@@ -15,16 +17,25 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def records(project="demo", n_classes=12, per_class=3):
-    """Small synthetic focal-method/test pairs, several per test class (folds keep classes whole)."""
+    """Small synthetic focal-method/test pairs, several per test class (folds keep classes
+    whole)."""
     out = []
     for c in range(n_classes):
         for m in range(per_class):
             name = f"get{chr(65 + c)}{m}"
             src = f"Box{c} {{ public int {name}(int x) {{ return x + {c * m}; }} }}"
-            out.append({"id": f"{project}_{c}_{m}", "project": project, "test_class": {"file": f"T{c}.java", "identifier": f"T{c}Test"},
-                        "focal_class": {"file": f"Box{c}.java", "identifier": f"Box{c}"}, "src": src,
-                        **{f"src_{level}": src for level in data.FOCAL_CONTEXTS},  # every focal-context level
-                        "tgt": f"@Test public void test{name}() {{ assertEquals({c * m + 1}, new Box{c}().{name}(1)); }}"})
+            out.append(
+                {
+                    "id": f"{project}_{c}_{m}",
+                    "project": project,
+                    "test_class": {"file": f"T{c}.java", "identifier": f"T{c}Test"},
+                    "focal_class": {"file": f"Box{c}.java", "identifier": f"Box{c}"},
+                    "src": src,
+                    # every focal-context level
+                    **{f"src_{level}": src for level in data.FOCAL_CONTEXTS},
+                    "tgt": f"@Test public void test{name}() {{ assertEquals({c * m + 1}, new Box{c}().{name}(1)); }}",
+                }
+            )
     return out
 
 
@@ -35,28 +46,51 @@ def workspace(tmp_path_factory):
     recs = records()
     with open(d / "demo.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in recs)
-    tok = train_tokenizer((r[k] for r in recs for k in ("src", "tgt")), vocab_size=300, min_frequency=1)
+    tok = train_tokenizer(
+        (r[k] for r in recs for k in ("src", "tgt")), vocab_size=300, min_frequency=1
+    )
     tok.save(str(d / "tokenizer.json"))
     torch.manual_seed(0)
-    cfg = BARTConfig(vocab_size=tok.get_vocab_size(), d_model=32, encoder_layers=2, decoder_layers=2,
-                     encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
-                     max_position_embeddings=128)
+    cfg = BARTConfig(
+        vocab_size=tok.get_vocab_size(),
+        d_model=32,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_position_embeddings=128,
+    )
     BART(cfg).save_pretrained(d / "base")
     return d, tok
 
 
 def args(d, **over):
-    kw = dict(project=d / "demo.jsonl", tokenizer=d / "tokenizer.json", base=d / "base", out_dir=d / "runs",
-              batch_size=4, eval_interval=3, max_steps=12, warmup_steps=2, patience=50, prefix_len=4,
-              preset="tiny", denoise_text="pairs")  # base mode: small and fast, no source trees needed
+    kw = dict(
+        project=d / "demo.jsonl",
+        tokenizer=d / "tokenizer.json",
+        base=d / "base",
+        out_dir=d / "runs",
+        batch_size=4,
+        eval_interval=3,
+        max_steps=12,
+        warmup_steps=2,
+        patience=50,
+        prefix_len=4,
+        # base mode: small and fast, no source trees needed
+        preset="tiny",
+        denoise_text="pairs",
+    )
     kw.update(over)
     return [f"--{k}={v}" for k, v in kw.items()]
 
 
 @pytest.fixture(scope="module")
 def pretrained(workspace):
-    """The tiny preset briefly trained on classes 0-11 of the synthetic corpus: a base to customize (a random base
-    is no stand-in: its frozen layers give a prefix or LoRA too little to steer, e.g. a prefix stalls at 5x)."""
+    """The tiny preset briefly trained on classes 0-11 of the synthetic corpus: a base to
+    customize (a random base is no stand-in: its frozen layers give a prefix or LoRA too little
+    to steer, e.g. a prefix stalls at 5x)."""
     _, tok = workspace
     torch.manual_seed(0)
     model = BART(config_from_preset("tiny", vocab_size=tok.get_vocab_size(), dropout=0.0))
@@ -65,7 +99,9 @@ def pretrained(workspace):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     for _ in range(80):
         idx = torch.randint(0, len(recs), (8,)).tolist()
-        train.loss_fn(model, train.collate([src[i] for i in idx], [tgt[i] for i in idx], "cpu"), NO_AUTOCAST).backward()
+        train.loss_fn(
+            model, train.collate([src[i] for i in idx], [tgt[i] for i in idx], "cpu"), NO_AUTOCAST
+        ).backward()
         opt.step()
         opt.zero_grad()
     return model.config, {k: v.clone() for k, v in model.state_dict().items()}
