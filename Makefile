@@ -61,6 +61,6 @@ experiment:  ## the projects x strategies x folds matrix (make -j safe; done run
 flops:  ## Table 1 and FLOPs per token per strategy (bart-large)
 	$(PY) flops.py --model bart-large
 gpu-check:  ## on a GPU: kernel checks, tuning sweep, SDPA benchmark, strategies, a bart-base base; one JSON (< 8 min)
-	$(PY) kernels/gpu_check.py
+	$(PY) tools/gpu_check.py
 report:  ## Table 3/4 and Figure 3/4 analogues from every run under runs/
 	$(PY) evaluate.py --report runs

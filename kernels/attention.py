@@ -45,7 +45,7 @@ global read in @triton.jit code, tiles chosen in Python (pick_config; no autotun
 interpreter bf16 tiles are upcast to fp32 (its bf16 dot and sum are wrong, triton#11584) with the
 GPU's round-to-nearest of p, dS and the outputs emulated (its own fp32 -> bf16 cast truncates).
 Spec: docs/attention-kernel.md. Tests: tests/test_kernels.py and test_kernels_compile.py. GPU:
-kernels/gpu_check.py"""
+tools/gpu_check.py"""
 
 import math
 import os
@@ -61,7 +61,7 @@ import triton.language as tl
 
 
 # The @triton.jit functions below are kept out of `ruff format` (# fmt: off): the ahead-of-time
-# compile records (kernels/compile_report.json) key on their source text, and reformatting them
+# compile records (tools/compile_report.json) key on their source text, and reformatting them
 # would make all 804 records stale, a recompilation of about an hour on 2 cores.
 # fmt: off
 @triton.jit
@@ -715,7 +715,7 @@ def attention(
 
 
 # -----------------------------------------------------------------------------
-# a quick benchmark (the full correctness + tuning + SDPA comparison is kernels/gpu_check.py)
+# a quick benchmark (the full correctness + tuning + SDPA comparison is tools/gpu_check.py)
 
 if __name__ == "__main__":
     from triton.testing import do_bench

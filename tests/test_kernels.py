@@ -270,7 +270,7 @@ def test_tiny_bart_triton_equals_math(bank):
 
 
 @pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs CUDA (the full GPU check is kernels/gpu_check.py)"
+    not torch.cuda.is_available(), reason="needs CUDA (the full GPU check is tools/gpu_check.py)"
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_gpu_compiles_and_matches(dtype):

@@ -1,14 +1,14 @@
 """The sm_90 (H100, H200) and sm_80 (A100) binaries of kernels/attention.py, without a GPU: every
 binary attention() can launch (the model's among them) compiles, none spills, and none needs more
 shared memory than its architecture has (sm_90 227 KiB, sm_80 163 KiB per block).
-kernels/compile_report.py derives the binaries from the launchers themselves (the autograd.Function
+tools/compile_report.py derives the binaries from the launchers themselves (the autograd.Function
 with pick_config's tiles, for every dtype -- fp32 with "ieee" and "tf32" dots, fp16, bf16 --, head
 dim, causal or not, mask or not, prefix kind) and measures them (triton.compile for an explicit
 GPUTarget, the ptxas and cuobjdump of the Triton wheel).
 
 What this test compiles, and why not everything: the 804 binaries (402 per arch) took about 50 CPU-minutes to compile
 here (54 min on 2 busy cores; the fp32 kernels are large), far beyond this suite's budget. So their figures are
-compiled once into kernels/compile_report.json (`python -m kernels.compile_report --write`, which compiles only
+compiled once into tools/compile_report.json (`python -m tools.compile_report --write`, which compiles only
 the binaries without a current record), and this test
   - derives every binary from the launchers again and requires a record for each, under the same key (the source
     of every @triton.jit function, signature, constexprs, specialisation attributes, options, the versions of
@@ -35,8 +35,8 @@ import torch
 import kernels.attention as A
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-REPORT = os.path.join(ROOT, "kernels", "compile_report.json")
-REFRESH = "python -m kernels.compile_report --write (after a kernel edit ~55 min on 2 cores; a tile change: minutes)"
+REPORT = os.path.join(ROOT, "tools", "compile_report.json")
+REFRESH = "python -m tools.compile_report --write (after a kernel edit ~55 min on 2 cores; a tile change: minutes)"
 # bytes per block, opt-in (CUDA programming guide, compute capabilities)
 SMEM_LIMIT = {90: 232448, 80: 166912}
 
@@ -50,7 +50,7 @@ def check(tmp_path_factory):
     """Every binary derived from the launchers (key + description) and the sample compiled again."""
     out = tmp_path_factory.mktemp("compile") / "check.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cmd = [sys.executable, "-m", "kernels.compile_report", "--check", str(out), "--jobs", "2"]
+    cmd = [sys.executable, "-m", "tools.compile_report", "--check", str(out), "--jobs", "2"]
     r = subprocess.run(
         cmd + (["--all"] if os.environ.get("COMPILE_ALL") == "1" else []),
         cwd=ROOT,

@@ -1,5 +1,5 @@
 """The sm_90 (H100, H200) and sm_80 (A100) binaries of kernels/attention.py, compiled ahead of time
-without a GPU, and what each one uses: registers, spills, shared memory. kernels/compile_report.json
+without a GPU, and what each one uses: registers, spills, shared memory. tools/compile_report.json
 holds the figures of every binary, tests/test_kernels_compile.py checks them, and kernels/README.md
 ("Compiled binaries") shows them as tables.
 
@@ -29,9 +29,9 @@ function in kernels/attention.py, signature, constexprs, specialisation attribut
 Triton's version and the ptxas of the arch. A changed kernel, tile, launch or Triton makes records
 stale; the test then names this command.
 
-    python -m kernels.compile_report --write              # compile what has no current record, rewrite the file
-    python -m kernels.compile_report --tables             # kernels/README.md's tables, from that file
-    python -m kernels.compile_report --core --jobs 2      # compile only the variant with the most flags per group
+    python -m tools.compile_report --write              # compile what has no current record, rewrite the file
+    python -m tools.compile_report --tables             # kernels/README.md's tables, from that file
+    python -m tools.compile_report --core --jobs 2      # compile only the variant with the most flags per group
 """
 
 import argparse
@@ -281,7 +281,7 @@ def compile_all(bins, jobs):
 
 
 def record(b):
-    """What kernels/compile_report.json keeps of a compiled binary."""
+    """What tools/compile_report.json keeps of a compiled binary."""
     return {
         k: b.get(k)
         for k in (
@@ -486,7 +486,7 @@ def main():
             kept = {r["key"]: r for r in json.load(f)["records"] if not r["error"]}
     fresh = [b for b in todo if b["key"] not in kept]
     print(
-        f"# kernels/compile_report.py: Triton {triton.__version__}, torch {torch.__version__}; {len(todo)} binaries"
+        f"# tools/compile_report.py: Triton {triton.__version__}, torch {torch.__version__}; {len(todo)} binaries"
         f"{' (--core)' if a.core else ''} of {len(bins)}, {len(fresh)} to compile on {a.jobs} processes",
         flush=True,
     )

@@ -1,7 +1,7 @@
 """The GPU check of kernels/attention.py and of the model on it, in one command of at most 8 minutes
 (`make gpu-check`):
 
-  0. precompile: every binary the sections below launch, compiled in parallel processes (kernels/compile_report.py)
+  0. precompile: every binary the sections below launch, compiled in parallel processes (tools/compile_report.py)
      into Triton's cache, so the launches find them compiled; their registers, spills and shared memory;
   1. correctness at real shapes, every dtype, compiling the production tiles: the kernel vs model.attention_math
      in float64, by the rules of tests/test_kernels.py (fp32 "ieee" <= 1e-5 / 2e-5; fp32 "tf32" <= 5e-3 / 1e-2;
@@ -22,9 +22,9 @@ A section that fails prints its traceback and the script goes on. Every figure g
 is printed at the end: $OUT/gpu_check.json if $OUT is set, else bench_out/gpu_check.json. Protocol and anchors:
 docs/attention-kernel.md (benchmark protocol).
 
-    python -m kernels.gpu_check --prepare      # here, where data/cache/corpus is: writes data/cache/gpu/ (~30 MiB)
-    python -m kernels.gpu_check                # the GPU run (carry data/cache/gpu for section 7)
-    python -m kernels.gpu_check --dry-run      # CPU: tiny shapes in the Triton interpreter, to exercise this file
+    python -m tools.gpu_check --prepare      # here, where data/cache/corpus is: writes data/cache/gpu/ (~30 MiB)
+    python -m tools.gpu_check                # the GPU run (carry data/cache/gpu for section 7)
+    python -m tools.gpu_check --dry-run      # CPU: tiny shapes in the Triton interpreter, to exercise this file
 """
 
 import argparse
@@ -254,7 +254,7 @@ def max_errs(a, b):
 
 
 def precompile_plan(C):
-    """The (input kind, tiles) pairs sections 1-3, 6 and 7 launch, for kernels/compile_report.py:
+    """The (input kind, tiles) pairs sections 1-3, 6 and 7 launch, for tools/compile_report.py:
     the correctness shapes in their dtypes; bf16 with D = 64 in every variant (the benchmark, and
     bench/gpu_strategies.py and train.py under bf16 autocast: the prefix is cast to q's dtype);
     the sweep's tiles at the sweep's and the benchmark's inputs (bf16, D = 64, a padding mask,
@@ -283,7 +283,7 @@ def precompile_worker(arch, jobs, limit, path):
     precompile_plan's binaries on `jobs` processes. They land in Triton's cache, keyed as
     JITFunction.run keys them, so this run's launches load them instead of compiling one after
     another. limit: only the `limit` cheapest (the dry run's smoke test)."""
-    from kernels import compile_report as C
+    from tools import compile_report as C
 
     bins = C.binaries((arch,), plan=precompile_plan(C))
     n_all = len(bins)
@@ -330,7 +330,7 @@ def precompile(dry):
     cmd = [
         sys.executable,
         "-m",
-        "kernels.gpu_check",
+        "tools.gpu_check",
         f"--precompile={arch}",
         f"--jobs={jobs}",
         f"--json={path}",
@@ -843,7 +843,7 @@ def train_base(dry, args):
     if not corpus or not os.path.exists(tok):
         print(
             f"  skipped: no prepared corpus in {os.path.relpath(PREPARED, ROOT)}/ -- run `python -m "
-            f"kernels.gpu_check --prepare` where data/cache/corpus is, and carry data/cache/gpu"
+            f"tools.gpu_check --prepare` where data/cache/corpus is, and carry data/cache/gpu"
         )
         return
     left = args.budget_s - (time.time() - T0)
@@ -1007,7 +1007,7 @@ def main():
     import triton
 
     dev = "cpu" if args.dry_run else "cuda"
-    print("# kernels/gpu_check.py" + (" --dry-run (CPU interpreter)" if args.dry_run else ""))
+    print("# tools/gpu_check.py" + (" --dry-run (CPU interpreter)" if args.dry_run else ""))
     info = dict(
         torch=torch.__version__,
         triton=triton.__version__,
