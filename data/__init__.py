@@ -166,6 +166,24 @@ def positive_int(text):
     return value
 
 
+def output_file(text):
+    """argparse type: the path of a file to write. A folder, or a path under a file, is argparse's
+    one-line error before any work is done."""
+    import argparse
+
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder; give the path of a file in it")
+    for parent in path.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise argparse.ArgumentTypeError(f"{parent} is a file, not a folder")
+            if not os.access(parent, os.W_OK):
+                raise argparse.ArgumentTypeError(f"{parent} is not writable")
+            break
+    return text
+
+
 def records_checksum(records):
     """sha256 of the records' content (key order aside): what binds a run to the corpus it split
     into folds."""

@@ -20,6 +20,7 @@ import re
 import sys
 from pathlib import Path
 
+from data import atomic_write, output_file
 from data.java import collapse, invocations, parse_java
 
 
@@ -251,11 +252,8 @@ def mine_to_jsonl(root, project, out, url=None, strict=False):
     records, counts = mine(root, project, url=url, strict=strict)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    tmp.replace(out)
+    lines = [json.dumps(r, ensure_ascii=False) + "\n" for r in records]
+    atomic_write(out, "".join(lines))
     return counts
 
 
@@ -276,7 +274,7 @@ def main():
     ap.add_argument(
         "--project", help="project name stored in every record (default: the folder's name)"
     )
-    ap.add_argument("--out", required=True, help="output JSONL file")
+    ap.add_argument("--out", required=True, type=output_file, help="output JSONL file")
     ap.add_argument(
         "--url", help="repository.url stored in every record (default: file:<absolute path>)"
     )

@@ -127,10 +127,17 @@ def corpus_texts(records):
 
 
 def main():
-    from data import DEFAULT_BASE, load_projects, positive_int, read_projects
+    from data import (
+        DEFAULT_BASE,
+        atomic_write,
+        load_projects,
+        output_file,
+        positive_int,
+        read_projects,
+    )
 
     ap = argparse.ArgumentParser(description="Train the byte-level BPE tokenizer on base projects.")
-    ap.add_argument("--out", default="data/cache/tokenizer.json")
+    ap.add_argument("--out", type=output_file, default="data/cache/tokenizer.json")
     ap.add_argument("--vocab-size", type=positive_int, default=8192)
     ap.add_argument("--min-frequency", type=positive_int, default=2)
     ap.add_argument(
@@ -157,9 +164,7 @@ def main():
     t2 = time.time()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tok.save(str(tmp))
-    tmp.replace(out)
+    atomic_write(out, lambda tmp: tok.save(str(tmp)))
     src, tgt, n_trunc = encode_pairs(tok, records[:2000], 1024, 1024)
 
     def mean(xs):
