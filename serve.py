@@ -1,40 +1,43 @@
 """Many projects' customized models served from one process: one frozen base, each run's delta, and
-batches that mix runs row by row. The paper's case for the lightweight strategies is this deployment
-(§1 and §5: a frozen base shared by every project and a small per-project delta, instead of "tens or
-hundreds of thousands of custom models"); it argues it and does not build it. Each row of a batch is
-computed with its own run's delta:
+batches that mix runs row by row. The paper's case for the lightweight strategies is this
+deployment (§1 and §5: a frozen base shared by every project and a small per-project delta,
+instead of "tens or hundreds of thousands of custom models"); it argues it and does not build it.
+Each row of a batch is computed with its own run's delta:
 
-  prefix  the runs' prefixes stacked in a bank and a per-row index into it (model.py's prefix_index, which the
-          attention implementations and the Triton kernel read)
-  lora    a bank of (A, B) per run applied per row: a gather and two batched matmuls (Punica's segmented matmul,
-          unfused); a run without a LoRA at a site holds zeros there, so its rows get the base's output exactly
-  lldb    the frozen trunk runs once for the whole batch; the last decoder block once per group of rows of one run
-          (a bank of blocks), each group on its own rows of the KV cache
-  leo     per group of rows of one run: its token embedding, position tables (and layernorm_embedding, if it
-          trained them) and output layer
-  custom  shares nothing with the base: served as its own model in the same command, as is a prefix run whose
-          shape (length, sites) differs from the first prefix run's
+  prefix  the runs' prefixes stacked in a bank, and a per-row index into it (model.py's
+          prefix_index, which the attention implementations and the Triton kernel read)
+  lora    a bank of (A, B) per run applied per row: a gather and two batched matmuls (Punica's
+          segmented matmul, unfused); a run without a LoRA at a site holds zeros there, so its
+          rows get the base's output exactly
+  lldb    the frozen trunk runs once for the whole batch; the last decoder block once per group
+          of rows of one run (a bank of blocks), each group on its own rows of the KV cache
+  leo     per group of rows of one run: its token embedding, position tables (and
+          layernorm_embedding, if it trained them) and output layer
+  custom  shares nothing with the base: served as its own model in the same command, as is a
+          prefix run whose shape (length, sites) differs from the first prefix run's
 
-lora, lldb and leo rows share batches; prefix rows are batched apart (a prefix is never neutral: a
-row without one cannot sit in an attention call that has one). A row generates what its customized
-model alone generates, the same sequences and scores up to float rounding (tests/test_serve.py:
-greedy and beam 5, three runs per strategy); throughput and memory against serving the models one by
-one: bench/bench_serve.py.
+lora, lldb and leo rows share batches: each of these runs has a slot, and a batch's `route` (one
+slot per row) goes as an argument through model.generate, which hands each bank (a model.Routed
+module) the slots of exactly the rows it computes. Prefix rows are batched apart (a prefix is
+never neutral: a row without one cannot sit in an attention call that has one). A row generates
+what its customized model alone generates, the same sequences and scores up to float rounding
+(tests/test_serve.py: greedy and beam 5, three runs per strategy); throughput and memory against
+serving the models one by one: bench/bench_serve.py.
 
-    python evaluate.py generate --runs runs/a-lora-f0,runs/b-lldb-f0 --requests requests.jsonl --out tests.jsonl
-    python evaluate.py generate --run runs/commons-io-lldb-f0 --java Foo.java --method bar     # one request
+    python serve.py --runs runs/a-lora-f0,runs/b-lldb-f0 --requests requests.jsonl --out tests.jsonl
+    python evaluate.py generate --runs ...         # the same, from evaluate.py
+    python evaluate.py generate --run runs/commons-io-lldb-f0 --java Foo.java --method bar
 
 A request is one JSON object per line: {"id": ..., "run": one of --runs (the folder as given, or
 its name), and either "java" (a file) with "method" (a method name), or "src" (the focal context
 as the base reads it)}. Each output line: {"id", "run", "tests": [{"score", "code"}, ... the k
 best first]}, or {"id", "run", "error"} for a request that cannot be served (unknown run, a run
 on another base than the first run's, a missing method): the others are served. This file is not
-in the design card's top level: evaluate.py (320-line cap) would not hold it, and serving is its
-own job (README, Layout)."""
+in the design card's top level: evaluate.py would not hold it, and serving is its own job
+(README, Layout)."""
 
-import contextlib
+import argparse
 import copy
-import inspect
 import json
 import os
 import sys
@@ -47,106 +50,68 @@ import torch.nn.functional as F
 
 import data
 import runs
-from data.batch import pad
 import strategies
+from data.batch import pad
 from data.tokenizer import encode_pairs, load_tokenizer
-from model import BART
+from model import BART, Routed
 
 # strategies whose rows share one batch over the base's own modules
 SHARED = ("lora", "lldb", "leo")
 
 
-class Rows:
-    """The run slot of every row of the model call in progress. Hooks on the encoder and the
-    decoder read it from inputs: `rows` are the call's own rows (the decoder's B*beams), `inputs`
-    one per input (the encoder output's), `tokens` one per real token of the encoder's input (its
-    layers take the real tokens packed, model.py)."""
-
-    def __init__(self, model):
-        self.rows = self.inputs = self.tokens = None
-        for m in (model.model.encoder, model.model.decoder):
-            m.register_forward_pre_hook(self.hook, with_kwargs=True)
-
-    def hook(self, module, args, kwargs):
-        bound = inspect.signature(module.forward).bind(*args, **kwargs).arguments
-        index, beams = bound.get("prefix_index"), bound.get("beams", 1)
-        self.rows, self.inputs = index, None if index is None else index[::beams]
-        # the encoder's (B, S): its packed tensors are (N, ...), N = mask.sum()
-        mask = bound.get("mask")
-        self.tokens = (
-            None
-            if index is None or mask is None
-            else index[:, None].expand(mask.shape)[mask.bool()]
-        )
-
-    @contextlib.contextmanager
-    def subset(self, r, i):
-        """While a group of rows r (their inputs i) is computed apart, its slots are the rows'."""
-        saved = self.rows, self.inputs
-        self.rows, self.inputs = self.rows[r], self.inputs[i]
-        try:
-            yield
-        finally:
-            self.rows, self.inputs = saved
-
-    def of(self, n):
-        """The slots of a tensor with n rows: the call's rows, or its inputs' (cross-attention: B
-        rows)."""
-        if self.rows is None:
-            return None
-        # N >= 2B (<s> </s>): never a count of rows
-        if self.tokens is not None and n == len(self.tokens):
-            return self.tokens
-        if n in (len(self.rows), len(self.inputs)):
-            return self.rows if n == len(self.rows) else self.inputs
-        raise ValueError(
-            f"a tensor of {n} rows in a call of {len(self.rows)} rows: serving runs whole batches only"
-        )
+def variant_groups(variant_of, route):
+    """[(variant, the rows it computes)] of a call whose rows have the run slots `route`;
+    route None: every row is the base's (variant 0)."""
+    if route is None:
+        return [(0, None)]
+    v = variant_of[route]
+    return [(int(u), (v == u).nonzero()[:, 0]) for u in v.unique()]
 
 
-class Grouped(nn.Module):
+def pick(t, rows):
+    """t[rows]; None stays None."""
+    if t is None:
+        return None
+    return t[rows]
+
+
+class Grouped(Routed):
     """One module per variant (variant 0 is the base's own); each row is computed by its run's
     variant, one call per group of rows. A batch of one variant is one plain call, at the base's
     speed."""
 
-    def __init__(self, rows, variants, variant_of):
+    def __init__(self, variants, variant_of):
         super().__init__()
-        self.rows, self.variants = rows, nn.ModuleList(variants)
-        self.register_buffer("variant_of", variant_of, persistent=False)  # (slots,) long
+        self.variants = nn.ModuleList(variants)
+        # (slots,) long: each slot's variant
+        self.register_buffer("variant_of", variant_of, persistent=False)
 
-    # what model.py reads of the module (embed_positions.num_embeddings): variant 0's
-    def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "variants":
-                raise
-            return getattr(self.variants[0], name)
-
-    def groups(self, n):
-        slots = self.rows.of(n)
-        if slots is None:
-            return [(0, None)]
-        v = self.variant_of[slots]
-        return [(int(u), (v == u).nonzero()[:, 0]) for u in v.unique()]
-
-    def forward(self, x):
-        n = len(self.rows.rows) if x.shape[0] == 1 and self.rows.rows is not None else x.shape[0]
-        groups = self.groups(n)
+    def forward(self, x, route):
+        groups = variant_groups(self.variant_of, route)
         if len(groups) == 1:
             return self.variants[groups[0][0]](x)
-        x = x.expand(n, *x.shape[1:])  # positions of a cached step come as (1, T), for every row
+        n = len(route)
+        # the positions of a cached step come as one (1, T) row for every row
+        x = x.expand(n, *x.shape[1:])
         parts = [(r, self.variants[u](x[r])) for u, r in groups]
-        out = parts[0][1].new_empty((n, *parts[0][1].shape[1:]))
+        first = parts[0][1]
+        out = first.new_empty((n, *first.shape[1:]))
         for r, y in parts:
             out[r] = y
         return out
 
 
-class GroupedBlock(Grouped):
-    """lldb's bank of last decoder blocks: each group of rows (whole inputs, all their beams:
-    they are consecutive rows) runs its run's block on its rows of the KV cache (gathered through
-    the beams' parents as the block appends its new keys), which are then put back together."""
+class GroupedBlock(nn.Module):
+    """lldb's bank of last decoder blocks, in the decoder's last layer: each group of rows (whole
+    inputs, all their beams: consecutive rows) runs its run's block on its rows of the KV cache,
+    gathered through the beams' parents as the block appends its new keys, and the groups' caches
+    are then put back together. Variant 0 is the base's own block (which may hold LoRA banks)."""
+
+    def __init__(self, variants, variant_of):
+        super().__init__()
+        self.variants = nn.ModuleList(variants)
+        # (slots,) long: each slot's variant
+        self.register_buffer("variant_of", variant_of, persistent=False)
 
     def forward(
         self,
@@ -158,86 +123,120 @@ class GroupedBlock(Grouped):
         prefix_index=None,
         cache=None,
         beams=1,
+        route=None,
     ):
-        groups = self.groups(x.shape[0])
+        """model.DecoderLayer's arguments and output."""
+        groups = variant_groups(self.variant_of, route)
         if len(groups) == 1:
-            return self.variants[groups[0][0]](
-                x, enc, enc_mask, dec_mask, prefix, prefix_index, cache, beams
-            )
-        # the cross-attention K/V: one per input, computed at the first step only
-        per_input = ("ck", "cv")
-        keys = ("k", "v") + (per_input if cache is not None and "ck" not in cache else ())
-        # the beams' parents (model.generate)
-        order = cache.pop("order", None) if cache is not None else None
-        # variant -> its inputs' cross K/V, kept in the cache while the batch's inputs stay the same
+            block = self.variants[groups[0][0]]
+            return block(x, enc, enc_mask, dec_mask, prefix, prefix_index, cache, beams, route)
+        order = None
         slices = {}
-        if cache is not None and "ck" in cache:
-            # first use, or generate sliced "ck" (inputs left)
-            if cache.get("groups", (None,))[0] is not cache["ck"]:
-                cache["groups"] = (cache["ck"], {})
-            slices = cache["groups"][1]
-        out, parts = torch.empty_like(x), []
+        first_step = False
+        if cache is not None:
+            # the beams' parents (model.generate)
+            order = cache.pop("order", None)
+            first_step = "ck" not in cache
+            slices = cross_slices(cache)
+        out = torch.empty_like(x)
+        parts = []
         for u, r in groups:
-            i = r[::beams] // beams  # the group's inputs
+            # the group's inputs
+            i = r[::beams] // beams
             sub = None
             if cache is not None:
-                # the past self-attention K/V stay whole: the block's append_kv gathers the group's
-                # rows (through their parents) straight into its new cache, one copy; the cross K/V
-                # slices are kept while the batch's inputs do not change
-                sub = (
-                    {"k": cache["k"], "v": cache["v"], "order": r if order is None else order[r]}
-                    if "k" in cache
-                    else {}
-                )
-                if "ck" in cache:
-                    if u not in slices:
-                        slices[u] = (cache["ck"][i], cache["cv"][i])
-                    sub["ck"], sub["cv"] = slices[u]
-            # the base's block may hold LoRA banks: they see the group's slots
-            with self.rows.subset(r, i):
-                out[r] = self.variants[u](
-                    x[r],
-                    enc[i],
-                    enc_mask[i],
-                    None if dec_mask is None else dec_mask[r],
-                    prefix,
-                    None if prefix_index is None else prefix_index[r],
-                    sub,
-                    beams,
-                )
-            parts.append((r, i, sub))
-        for key in keys if cache is not None else ():
-            first = parts[0][2][key]
-            cache[key] = full = first.new_empty(
-                (enc.shape[0] if key in per_input else x.shape[0], *first.shape[1:])
+                sub = group_cache(cache, slices, u, r, i, order)
+            out[r] = self.variants[u](
+                x[r],
+                enc[i],
+                enc_mask[i],
+                pick(dec_mask, r),
+                prefix,
+                pick(prefix_index, r),
+                sub,
+                beams,
+                route[r],
             )
-            for r, i, sub in parts:
-                full[i if key in per_input else r] = sub[key]
+            parts.append((r, i, sub))
+        if cache is not None:
+            merge_caches(cache, parts, first_step, x.shape[0], enc.shape[0])
         return out
 
 
-class BankLoRA(nn.Module):
+def cross_slices(cache):
+    """variant -> its inputs' cross-attention K/V, kept in the cache while the batch's inputs
+    stay the same (model.generate slices "ck" when inputs leave; they are then taken again)."""
+    if "ck" not in cache:
+        return {}
+    held = cache.get("groups")
+    if held is None or held[0] is not cache["ck"]:
+        cache["groups"] = (cache["ck"], {})
+    return cache["groups"][1]
+
+
+def group_cache(cache, slices, u, r, i, order):
+    """The KV cache of variant u's rows r (inputs i). The past self-attention K/V stay whole: the
+    block's append_kv gathers the group's rows (through their parents) straight into its new
+    cache, one copy; the cross K/V slices are kept while the batch's inputs do not change."""
+    sub = {}
+    if "k" in cache:
+        sub["k"] = cache["k"]
+        sub["v"] = cache["v"]
+        sub["order"] = r
+        if order is not None:
+            sub["order"] = order[r]
+    if "ck" in cache:
+        if u not in slices:
+            slices[u] = (cache["ck"][i], cache["cv"][i])
+        sub["ck"], sub["cv"] = slices[u]
+    return sub
+
+
+def merge_caches(cache, parts, first_step, n_rows, n_inputs):
+    """The groups' new self-attention K/V (and at the first step their cross K/V, one per input)
+    put back together in the layer's cache."""
+    keys = ["k", "v"]
+    if first_step:
+        keys += ["ck", "cv"]
+    for key in keys:
+        per_input = key in ("ck", "cv")
+        first = parts[0][2][key]
+        n = n_rows
+        if per_input:
+            n = n_inputs
+        full = first.new_empty((n, *first.shape[1:]))
+        for r, i, sub in parts:
+            if per_input:
+                full[i] = sub[key]
+            else:
+                full[r] = sub[key]
+        cache[key] = full
+
+
+class BankLoRA(Routed):
     """LoRA per row: y = base(x) + s_j (x A_j^T) B_j^T for a row of slot j, as
     strategies.LoRALinear computes it. A (N, r, in), B (N, out, r), s (N,); a slot with no LoRA
     here holds zeros (a smaller rank: zero rows)."""
 
-    def __init__(self, rows, base, A, B, scaling):
+    def __init__(self, base, A, B, scaling):
         super().__init__()
-        self.rows, self.base = rows, base
-        for name, t in (("A", A), ("B", B), ("scaling", scaling), ("has", B.flatten(1).any(1))):
-            self.register_buffer(name, t, persistent=False)
+        self.base = base
+        self.register_buffer("A", A, persistent=False)
+        self.register_buffer("B", B, persistent=False)
+        self.register_buffer("scaling", scaling, persistent=False)
+        self.register_buffer("has", B.flatten(1).any(1), persistent=False)
 
-    def forward(self, x):
-        y, slots = self.base(x), self.rows.of(x.shape[0])
+    def forward(self, x, route):
+        y = self.base(x)
         # no row of a LoRA run: the base's output, bit for bit
-        if slots is None or not self.has[slots].any():
+        if route is None or not self.has[route].any():
             return y
-        x3 = x.reshape(x.shape[0], -1, x.shape[-1])  # (n, T, in)
+        # (n, T, in)
+        x3 = x.reshape(x.shape[0], -1, x.shape[-1])
         # (n, T, r): a gather, then a batched matmul
-        a = torch.bmm(x3, self.A[slots].transpose(1, 2))
-        return y + (
-            torch.bmm(a, self.B[slots].transpose(1, 2)) * self.scaling[slots, None, None]
-        ).view(y.shape)
+        a = torch.bmm(x3, self.A[route].transpose(1, 2))
+        b = torch.bmm(a, self.B[route].transpose(1, 2)) * self.scaling[route, None, None]
+        return y + b.view(y.shape)
 
 
 class Head(nn.Module):
@@ -245,7 +244,8 @@ class Head(nn.Module):
 
     def __init__(self, weight, bias):
         super().__init__()
-        self.weight, self.bias = weight, bias
+        self.weight = weight
+        self.bias = bias
 
     def forward(self, x):
         return F.linear(x, self.weight) + self.bias
@@ -254,100 +254,115 @@ class Head(nn.Module):
 def prefix_of(config, strategy, delta):
     """{site: (L, 2, H, P, hd)} of a prefix run's delta (a reparametrization MLP is run once
     here)."""
-    o = strategy["options"]
-    pre = strategies.Prefix(config, o["prefix_len"], o["sites"], o.get("mlp_hidden", 0))
+    o = strategies.with_defaults("prefix", strategy["options"])
+    pre = strategies.Prefix(config, o["prefix_len"], o["sites"], o["mlp_hidden"])
     pre.load_state_dict({k.removeprefix("prefix."): v for k, v in delta.items()})
     with torch.no_grad():
         return {s: t.detach().clone() for s, t in pre().items()}
+
+
+def prefix_shape(prefix):
+    return sorted((s, tuple(t.shape)) for s, t in prefix.items())
 
 
 class Server:
     """Serves every run given as {name: (strategy, delta)}: the strategy as model.strategy holds
     it, the delta as runs.trainable_state_dict (the run's best.safetensors). `base` is the shared
     model; it is changed in place (the modules some run changes become banks), so hand it a model
-    of its own."""
+    of its own.
+
+    Families (one batch holds one): "prefix", the prefix runs of the first prefix shape, each
+    with its entry in the prefix bank (prefix_index); "shared", the lora, lldb and leo runs, each
+    with its slot in the banks (slot); every other run (custom, another prefix shape) is a solo
+    model, its own family."""
 
     def __init__(self, base, deltas):
-        self.base, cfg = base.eval().requires_grad_(False), base.config
-        self.device, self.solo, self.family, self.prefix_bank = (
-            base.model.shared.weight.device,
-            {},
-            {},
-            {},
-        )
-        prefixes = {
-            n: prefix_of(cfg, s, d) for n, (s, d) in deltas.items() if s["name"] == "prefix"
-        }
-
-        def shape(kv):
-            return sorted((s, tuple(t.shape)) for s, t in kv.items())
-
-        first = shape(next(iter(prefixes.values()))) if prefixes else None
-        # prefix runs come first: slots 0..P-1
-        banked = [n for n in prefixes if shape(prefixes[n]) == first]
-        banked += [n for n, (s, _) in deltas.items() if s["name"] in SHARED]
-        # copies of the base as it was loaded, before any bank replaces a module
+        self.base = base.eval().requires_grad_(False)
+        self.device = base.model.shared.weight.device
+        prefixes = {}
         for n, (s, d) in deltas.items():
-            if n not in banked:
-                self.solo[n] = strategies.apply(copy.deepcopy(base), s["name"], **s["options"])
-                runs.load_trainable(self.solo[n], d)
-                self.solo[n].eval()
-        self.rows = Rows(base)
-        self.slot = {n: i for i, n in enumerate(banked)}
-        self.family.update({n: "prefix" if n in prefixes else "shared" for n in banked})
+            if s["name"] == "prefix":
+                prefixes[n] = prefix_of(base.config, s, d)
+        first_shape = None
         if prefixes:
-            self.prefix_bank = BART.prefix_bank([prefixes[n] for n in banked if n in prefixes])
-
-        def of(kind):
-            return [
-                (self.slot[n], d)
-                for n, (s, d) in deltas.items()
-                if n in self.slot and s["name"] == kind
-            ]
-
-        # copies of the last block before LoRA banks wrap the base's projections
-        blocks = self._lldb(of("lldb"))
-        self._lora(
-            of("lora"),
-            {
-                self.slot[n]: s["options"]["alpha"] / s["options"]["r"]
-                for n, (s, _) in deltas.items()
-                if s["name"] == "lora"
-            },
-        )
+            first_shape = prefix_shape(next(iter(prefixes.values())))
+        banked = [n for n in prefixes if prefix_shape(prefixes[n]) == first_shape]
+        shared = [n for n, (s, _) in deltas.items() if s["name"] in SHARED]
+        # the others: copies of the base as it was loaded, before any bank replaces a module
+        self.solo = {}
+        for n, (s, d) in deltas.items():
+            if n in banked or n in shared:
+                continue
+            model = strategies.apply(copy.deepcopy(base), s["name"], **s["options"])
+            runs.load_trainable(model, d)
+            self.solo[n] = model.eval()
+        self.family = {}
+        self.prefix_index = {}
+        for i, n in enumerate(banked):
+            self.prefix_index[n] = i
+            self.family[n] = "prefix"
+        self.slot = {}
+        for i, n in enumerate(shared):
+            self.slot[n] = i
+            self.family[n] = "shared"
+        self.prefix_bank = {}
+        if banked:
+            self.prefix_bank = BART.prefix_bank([prefixes[n] for n in banked])
+        lora_scale = {}
+        for n, (s, _) in deltas.items():
+            if s["name"] == "lora":
+                o = strategies.with_defaults("lora", s["options"])
+                lora_scale[self.slot[n]] = o["alpha"] / o["r"]
+        # the last block's copies are taken before LoRA banks wrap the base's projections
+        blocks = self.lldb_variants(self.slots_deltas(deltas, "lldb"))
+        self.add_lora(self.slots_deltas(deltas, "lora"), lora_scale)
         if blocks:
-            self.base.model.decoder.layers[-1] = GroupedBlock(self.rows, *blocks)
-        self._leo(of("leo"))
+            self.base.model.decoder.layers[-1] = GroupedBlock(*blocks)
+        self.add_leo(self.slots_deltas(deltas, "leo"))
 
-    def _variants(self, runs_deltas, make, base_module):
-        """(variants, variant_of): variant 0 is the base's module, variant j + 1 the j-th run's."""
+    def slots_deltas(self, deltas, kind):
+        """[(slot, delta)] of the runs of one shared strategy."""
+        return [(self.slot[n], d) for n, (s, d) in deltas.items() if s["name"] == kind]
+
+    def variants(self, slots_deltas, make, base_module):
+        """(variants, variant_of): variant 0 is the base's module, variant j + 1 the j-th run's;
+        variant_of (slots,) maps each slot to its variant (0 for the runs that keep the base's
+        module)."""
         variant_of = torch.zeros(len(self.slot), dtype=torch.long, device=self.device)
-        for j, (slot, _) in enumerate(runs_deltas):
+        for j, (slot, _) in enumerate(slots_deltas):
             variant_of[slot] = j + 1
-        return [base_module] + [make(d) for _, d in runs_deltas], variant_of
+        variants = [base_module] + [make(d) for _, d in slots_deltas]
+        return variants, variant_of
 
-    def _lora(self, slots_deltas, scale):
-        sites = sorted(
-            {k.removesuffix(".lora_A") for _, d in slots_deltas for k in d if k.endswith(".lora_A")}
-        )
-        for path in sites:
-            parent, name = self.base.get_submodule(path.rpartition(".")[0]), path.rpartition(".")[2]
+    def add_lora(self, slots_deltas, scale):
+        """Each linear layer some LoRA run adapts becomes a BankLoRA over every slot."""
+        paths = set()
+        for _, d in slots_deltas:
+            for k in d:
+                if k.endswith(".lora_A"):
+                    paths.add(k.removesuffix(".lora_A"))
+        n_slots = len(self.slot)
+        for path in sorted(paths):
+            parent_path, _, name = path.rpartition(".")
+            parent = self.base.get_submodule(parent_path)
             lin = getattr(parent, name)
-            r = max(d[path + ".lora_A"].shape[0] for _, d in slots_deltas if path + ".lora_A" in d)
-            A = lin.weight.new_zeros(len(self.slot), r, lin.in_features)
-            B = lin.weight.new_zeros(len(self.slot), lin.out_features, r)
+            key_A = path + ".lora_A"
+            key_B = path + ".lora_B"
+            r = max(d[key_A].shape[0] for _, d in slots_deltas if key_A in d)
+            A = lin.weight.new_zeros(n_slots, r, lin.in_features)
+            B = lin.weight.new_zeros(n_slots, lin.out_features, r)
             for slot, d in slots_deltas:
-                if path + ".lora_A" in d:
-                    a, b = d[path + ".lora_A"], d[path + ".lora_B"]
-                    A[slot, : a.shape[0]], B[slot, :, : b.shape[1]] = a, b
+                if key_A in d:
+                    A[slot, : d[key_A].shape[0]] = d[key_A]
+                    B[slot, :, : d[key_B].shape[1]] = d[key_B]
             s = torch.tensor(
-                [scale.get(i, 0.0) for i in range(len(self.slot))],
+                [scale.get(i, 0.0) for i in range(n_slots)],
                 dtype=lin.weight.dtype,
                 device=lin.weight.device,
             )
-            setattr(parent, name, BankLoRA(self.rows, lin, A, B, s))
+            setattr(parent, name, BankLoRA(lin, A, B, s))
 
-    def _lldb(self, slots_deltas):
+    def lldb_variants(self, slots_deltas):
         """lldb's variants of the last decoder block (variant 0: the base's own), from the
         pristine block."""
         if not slots_deltas:
@@ -361,134 +376,164 @@ class Server:
             b.load_state_dict({k.removeprefix(p): v for k, v in d.items()})
             return b.eval()
 
-        return self._variants(slots_deltas, block, layers[-1])
+        return self.variants(slots_deltas, block, layers[-1])
 
-    def _leo(self, slots_deltas):
+    def add_leo(self, slots_deltas):
+        """leo's banks: the token embedding, both position tables (and layernorm_embedding where
+        a run trained it) and the output layer, each a Grouped over the runs' tensors."""
         if not slots_deltas:
             return
-        m, V = self.base.model, self._variants
+        m = self.base.model
 
-        # the delta's tensor itself, not a copy
         def table(key):
+            # the delta's tensor itself, not a copy
             return lambda d: nn.Embedding.from_pretrained(d[key])
 
-        emb = Grouped(self.rows, *V(slots_deltas, table("model.shared.weight"), m.shared))
-        m.encoder.embed_tokens = m.decoder.embed_tokens = emb
-        for side in (m.encoder, m.decoder):
-            name = "model." + ("encoder" if side is m.encoder else "decoder")
+        emb = Grouped(*self.variants(slots_deltas, table("model.shared.weight"), m.shared))
+        m.encoder.embed_tokens = emb
+        m.decoder.embed_tokens = emb
+        for name, side in (("model.encoder", m.encoder), ("model.decoder", m.decoder)):
+            positions = table(name + ".embed_positions.weight")
             side.embed_positions = Grouped(
-                self.rows,
-                *V(slots_deltas, table(name + ".embed_positions.weight"), side.embed_positions),
+                *self.variants(slots_deltas, positions, side.embed_positions)
             )
-            if any(name + ".layernorm_embedding.weight" in d for _, d in slots_deltas):
-
-                def ln(d, base=side.layernorm_embedding, key=name + ".layernorm_embedding."):
-                    out = copy.deepcopy(base)
-                    out.load_state_dict(
-                        {k: d.get(key + k, v) for k, v in base.state_dict().items()}
-                    )
-                    return out
-
+            key = name + ".layernorm_embedding."
+            if any(key + "weight" in d for _, d in slots_deltas):
+                ln = layernorm_of(side.layernorm_embedding, key)
                 side.layernorm_embedding = Grouped(
-                    self.rows, *V(slots_deltas, ln, side.layernorm_embedding)
+                    *self.variants(slots_deltas, ln, side.layernorm_embedding)
                 )
         bias = self.base.final_logits_bias.clone()
 
         def head(d):
             return Head(d["model.shared.weight"], d.get("final_logits_bias", bias))
 
-        self.base.lm_head = Grouped(self.rows, *V(slots_deltas, head, Head(m.shared.weight, bias)))
-        self.base.final_logits_bias.zero_()  # each Head adds its own run's bias
+        base_head = Head(m.shared.weight, bias)
+        self.base.lm_head = Grouped(*self.variants(slots_deltas, head, base_head))
+        # each Head adds its own run's bias
+        self.base.final_logits_bias.zero_()
 
     @torch.inference_mode()
     def generate(self, names, input_ids, attention_mask, **kw):
         """model.generate for a batch whose row i is for run names[i]; the rows must be of one
-        family: all banked prefix runs, all lora/lldb/leo runs, or one solo run (Server.batches
-        groups them so)."""
+        family (Server.batches groups them so)."""
         families = {self.family.get(n, n) for n in names}
         if len(families) != 1:
             raise ValueError(f"one batch serves one family of runs, got {sorted(families)}")
         if names[0] in self.solo:
             return self.solo[names[0]].generate(input_ids, attention_mask, **kw)
-        index = torch.tensor([self.slot[n] for n in names], device=input_ids.device)
-        sites = self.prefix_bank if families == {"prefix"} else {}
-        # one run: its prefix shared by the batch, no per-row gather of the bank
-        if sites and len(set(names)) == 1:
-            # (the gather was 30% of a CPU batch)
-            sites = {s: t[self.slot[names[0]]] for s, t in sites.items()}
-        return self.base.generate(input_ids, attention_mask, prefix=(sites, index), **kw)
+        if families == {"prefix"}:
+            prefix = self.prefix_for(names, input_ids.device)
+            return self.base.generate(input_ids, attention_mask, prefix=prefix, **kw)
+        route = torch.tensor([self.slot[n] for n in names], device=input_ids.device)
+        return self.base.generate(input_ids, attention_mask, route=route, **kw)
+
+    def prefix_for(self, names, device):
+        """The prefix of a batch of banked prefix runs: one run's prefix, shared by the batch (no
+        per-row gather of the bank), or the bank with each row's entry."""
+        if len(set(names)) == 1:
+            i = self.prefix_index[names[0]]
+            return {s: t[i] for s, t in self.prefix_bank.items()}
+        index = torch.tensor([self.prefix_index[n] for n in names], device=device)
+        return (self.prefix_bank, index)
 
     def batches(self, names, src, size):
         """Yields (request indices, their run names) in batches of one family, sources of similar
         length together."""
         for fam in sorted({self.family.get(n, n) for n in names}):
-            idx = sorted(
-                (i for i, n in enumerate(names) if self.family.get(n, n) == fam),
-                key=lambda i: len(src[i]),
-            )
+            idx = [i for i, n in enumerate(names) if self.family.get(n, n) == fam]
+            idx = sorted(idx, key=lambda i: len(src[i]))
             for j in range(0, len(idx), size):
-                yield idx[j : j + size], [names[i] for i in idx[j : j + size]]
+                batch = idx[j : j + size]
+                yield batch, [names[i] for i in batch]
 
     def serve(
         self, names, src, k=5, beams=5, max_new_tokens=128, batch_size=16, device="cpu", log=None
     ):
         """[(k id lists, k scores)] per request (names[i], the source ids src[i]), every family
         batched."""
-
-        out, t0 = {}, time.time()
+        out = {}
+        t0 = time.time()
         for idx, batch in self.batches(names, src, batch_size):
-            ids, mask = (t.to(device) for t in pad([src[i] for i in idx]))
+            ids, mask = pad([src[i] for i in idx])
             seqs, scores = self.generate(
                 batch,
-                ids,
-                mask,
+                ids.to(device),
+                mask.to(device),
                 num_beams=beams,
                 num_return_sequences=k,
                 max_new_tokens=max_new_tokens,
             )
-            out.update(
-                zip(
-                    idx, zip(seqs.view(len(idx), k, -1).tolist(), scores.view(len(idx), k).tolist())
-                )
-            )
+            seqs = seqs.view(len(idx), k, -1).tolist()
+            scores = scores.view(len(idx), k).tolist()
+            for i, s, sc in zip(idx, seqs, scores):
+                out[i] = (s, sc)
             if log:
-                log(
-                    f"served {len(out)}/{len(src)} requests, {len(out) / (time.time() - t0):.2f} per second"
-                )
+                rate = len(out) / (time.time() - t0)
+                log(f"served {len(out)}/{len(src)} requests, {rate:.2f} per second")
         return [out[i] for i in range(len(src))]
 
 
+def layernorm_of(base, key):
+    """A function delta -> a copy of the LayerNorm `base` with the delta's tensors under `key`
+    (the base's where the delta has none)."""
+
+    def make(d):
+        out = copy.deepcopy(base)
+        out.load_state_dict({k: d.get(key + k, v) for k, v in base.state_dict().items()})
+        return out
+
+    return make
+
+
+def refusal(run, cfg, first, first_dir, checksum):
+    """Why a run cannot be served beside the first run (None: it can): another tokenizer, focal
+    context or lengths, or another base. A run from before train.py stored its base's checksum
+    is taken to be on the base now at its path."""
+    differs = [k for k in runs.CARRIED if cfg[k] != first[k]]
+    base_sum = cfg.get("base_checksum") or checksum(cfg["base"])
+    if base_sum != checksum(first["base"]):
+        differs.append("base")
+    if not differs:
+        return None
+    return (
+        f"{run} was trained with another {', '.join(differs)} than the base {first['base']} as "
+        f"it is now (and {first_dir}'s settings): serve it in a command of its own, or retrain it"
+    )
+
+
 def load(run_dirs, device="cpu"):
-    """(server, the runs' shared config, {run: error}) from run folders: the first run's base is
-    loaded once; a run on another base (checksum) or with another tokenizer or focal context is
-    refused by name."""
-    cfgs, errors, sums = {r: runs.run_config(r) for r in run_dirs}, {}, {}
-    first, tok = cfgs[run_dirs[0]], load_tokenizer(cfgs[run_dirs[0]]["tokenizer"])
+    """(server, the runs' shared config, tokenizer, {run: error}) from run folders: the first
+    run's base is loaded once; a run on another base (checksum) or with another tokenizer or
+    focal context is refused by name."""
+    from safetensors import safe_open
+
+    cfgs = {r: runs.run_config(r) for r in run_dirs}
+    first = cfgs[run_dirs[0]]
+    tok = load_tokenizer(first["tokenizer"])
+    # the bases as they are on disk now
+    sums = {}
 
     def checksum(path):
-        return sums.setdefault(path, runs.checksum(path))
+        if path not in sums:
+            sums[path] = runs.checksum(path)
+        return sums[path]
 
-    # the base as it is on disk now; a run from before train.py stored its base's checksum
+    errors = {}
     for r, c in cfgs.items():
-        # is taken to be on the base now at its path
-        differs = [k for k in runs.CARRIED if c[k] != first[k]]
-        differs += ["base"] * (
-            (c.get("base_checksum") or checksum(c["base"])) != checksum(first["base"])
-        )
-        if differs:
-            errors[r] = (
-                f"{r} was trained with another {', '.join(differs)} than the base {first['base']} as it is "
-                f"now (and {run_dirs[0]}'s settings): serve it in a command of its own, or retrain it"
-            )
-    base = BART.from_pretrained(first["base"], "sdpa", expect_vocab_size=tok.get_vocab_size()).to(
-        device
-    )
+        why = refusal(r, c, first, run_dirs[0], checksum)
+        if why:
+            errors[r] = why
+    vocab = tok.get_vocab_size()
+    base = BART.from_pretrained(first["base"], "sdpa", expect_vocab_size=vocab).to(device)
     deltas = {}
-    for r in (r for r in run_dirs if r not in errors):
-        from safetensors import safe_open
-
-        with safe_open(str(Path(r) / "best.safetensors"), framework="pt", device=str(device)) as f:
-            deltas[r] = json.loads(f.metadata()["strategy"]), {k: f.get_tensor(k) for k in f.keys()}
+    for r in run_dirs:
+        if r in errors:
+            continue
+        path = str(Path(r) / "best.safetensors")
+        with safe_open(path, framework="pt", device=str(device)) as f:
+            strategy = json.loads(f.metadata()["strategy"])
+            deltas[r] = (strategy, {k: f.get_tensor(k) for k in f.keys()})
     return Server(base, deltas), first, tok, errors
 
 
@@ -502,16 +547,18 @@ def source_of(req, cfg):
     from data.java import parse_java
     from data.mine import corpus_strings
 
-    if not Path(req["java"]).is_file():
+    java = Path(req["java"])
+    if not java.is_file():
         raise ValueError(f"{req['java']}: no such Java file")
-    classes, _ = parse_java(Path(req["java"]).read_bytes())  # data/ decodes UTF-8, else Latin-1
+    # data/ decodes UTF-8, else Latin-1
+    classes, _ = parse_java(java.read_bytes())
     hits = [(c, m) for c in classes for m in c["methods"] if m["identifier"] == req["method"]]
     if not hits:
-        names = (
-            ", ".join(sorted({m["identifier"] for c in classes for m in c["methods"]})) or "none"
-        )
+        names = sorted({m["identifier"] for c in classes for m in c["methods"]})
+        listed = ", ".join(names) or "none"
         raise ValueError(
-            f"{req['java']}: no method {req['method']!r} in a top-level class (its methods: {names})"
+            f"{req['java']}: no method {req['method']!r} in a top-level class (its methods: "
+            f"{listed})"
         )
     return corpus_strings(*hits[0])[f"src_{cfg['focal_context']}"]
 
@@ -525,9 +572,9 @@ def generate_tests(run, java, method, k=5, beams=5, max_new_tokens=None, device=
     if refused:
         raise ValueError(refused[str(run)])
     ids = encode_pairs(tok, [{"src": src, "tgt": ""}], cfg["max_src_len"])[0]
-    ((seqs, scores),) = server.serve(
-        [str(run)], ids, min(k, beams), beams, max_new_tokens or cfg["max_tgt_len"], 1, device
-    )
+    max_new_tokens = max_new_tokens or cfg["max_tgt_len"]
+    results = server.serve([str(run)], ids, min(k, beams), beams, max_new_tokens, 1, device)
+    seqs, scores = results[0]
     return list(zip(scores, tok.decode_batch(seqs)))
 
 
@@ -548,24 +595,29 @@ def command(a):
     tests = generate_tests(
         a.generate_run, a.java, a.method, a.k, a.beams, a.max_new_tokens, a.device
     )
-    print(
-        "\n\n".join(
-            f"// {i + 1}: score {score:.3f}\n{code}" for i, (score, code) in enumerate(tests)
-        )
-    )
+    shown = [f"// {i + 1}: score {score:.3f}\n{code}" for i, (score, code) in enumerate(tests)]
+    print("\n\n".join(shown))
+
+
+def log(msg):
+    print(msg, file=sys.stderr)
 
 
 def main(run_dirs, requests, out, k=5, beams=5, max_new_tokens=None, batch_size=16, device="cpu"):
     """evaluate.py generate --runs A,B --requests FILE --out FILE: every request served, or its
     error written."""
-    reqs, lines, todo = data.read_jsonl(requests), {}, []  # bad files fail before the models load
-    if not (Path(out).parent.is_dir() and os.access(Path(out).parent, os.W_OK)):
+    # bad files fail before the models load
+    reqs = data.read_jsonl(requests)
+    folder = Path(out).parent
+    if not (folder.is_dir() and os.access(folder, os.W_OK)):
         raise PermissionError(
-            f"{out}: its folder {Path(out).parent} is missing or not writable: give --out another "
-            "path"
+            f"{out}: its folder {folder} is missing or not writable: give --out another path"
         )
     server, cfg, tok, refused = load(run_dirs, device)
-    alias = {**{Path(r).name: r for r in run_dirs}, **{r: r for r in run_dirs}}
+    alias = {Path(r).name: r for r in run_dirs}
+    alias.update({r: r for r in run_dirs})
+    lines = {}
+    todo = []
     for i, req in enumerate(reqs):
         obj = req if isinstance(req, dict) else {}
         try:
@@ -573,33 +625,49 @@ def main(run_dirs, requests, out, k=5, beams=5, max_new_tokens=None, batch_size=
                 raise ValueError(f"{requests}: request {i + 1} is not a JSON object")
             run = alias.get(str(req.get("run")))
             if run is None or run in refused:
-                raise ValueError(
-                    refused.get(run)
-                    or f"unknown run {req.get('run')!r}; served: {', '.join(run_dirs)}"
-                )
+                served = ", ".join(run_dirs)
+                why = refused.get(run) or f"unknown run {req.get('run')!r}; served: {served}"
+                raise ValueError(why)
             todo.append((i, run, source_of(req, cfg)))
         except ValueError as e:
             lines[i] = {"id": obj.get("id", i), "run": obj.get("run"), "error": str(e)}
-    src = encode_pairs(tok, [{"src": s, "tgt": ""} for _, _, s in todo], cfg["max_src_len"])[0]
-
-    def log(msg):
-        return print(msg, file=sys.stderr)
-
+    records = [{"src": s, "tgt": ""} for _, _, s in todo]
+    src = encode_pairs(tok, records, cfg["max_src_len"])[0]
+    names = [r for _, r, _ in todo]
+    max_new_tokens = max_new_tokens or cfg["max_tgt_len"]
     results = server.serve(
-        [r for _, r, _ in todo],
-        src,
-        min(k, beams),
-        beams,
-        max_new_tokens or cfg["max_tgt_len"],
-        batch_size,
-        device,
-        log,
+        names, src, min(k, beams), beams, max_new_tokens, batch_size, device, log
     )
-    for (i, _run, _), (seqs, scores) in zip(todo, results):
+    for (i, _, _), (seqs, scores) in zip(todo, results):
         tests = [{"score": s, "code": c} for s, c in zip(scores, tok.decode_batch(seqs))]
         lines[i] = {"id": reqs[i].get("id", i), "run": reqs[i]["run"], "tests": tests}
-    data.atomic_write(out, "".join(json.dumps(lines[i]) + "\n" for i in range(len(reqs))))
-    print(
-        f'{out}: {len(todo)} requests served, {len(reqs) - len(todo)} refused (see their "error")'
-    )
+    text = "".join(json.dumps(lines[i]) + "\n" for i in range(len(reqs)))
+    data.atomic_write(out, text)
+    refused_count = len(reqs) - len(todo)
+    print(f'{out}: {len(todo)} requests served, {refused_count} refused (see their "error")')
     return [lines[i] for i in range(len(reqs))]
+
+
+def cli(argv=None):
+    """python serve.py --runs A,B --requests FILE --out FILE [--k --beams --max-new-tokens
+    --batch-size --device]: what evaluate.py generate --runs does."""
+    ap = argparse.ArgumentParser(
+        description="Serve many runs' customized models from one base: a file of requests in, "
+        "the tests out (as evaluate.py generate --runs)"
+    )
+    ap.add_argument("--runs", required=True, help="run folders, comma-separated")
+    ap.add_argument("--requests", required=True, help="JSON lines: id, run, src or java+method")
+    ap.add_argument("--out", required=True, help="JSON lines: id, run, tests or error")
+    ap.add_argument("--k", type=data.positive_int, default=5, help="tests per request")
+    ap.add_argument("--beams", type=data.positive_int, default=5)
+    ap.add_argument("--max-new-tokens", type=data.positive_int, help="default: max_tgt_len")
+    ap.add_argument("--batch-size", type=data.positive_int, default=16)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    ap.add_argument("--device", default=device)
+    a = ap.parse_args(argv)
+    run_dirs = [r for r in a.runs.split(",") if r]
+    main(run_dirs, a.requests, a.out, a.k, a.beams, a.max_new_tokens, a.batch_size, a.device)
+
+
+if __name__ == "__main__":
+    data.cli(cli)

@@ -4,8 +4,13 @@ legacy layouts, `args` or `cfg`), mapped key for key onto model.py's HF module n
 refused and why (docs/checkpoints.md §1-3). Pickles are read with weights_only=True; nothing but
 argparse.Namespace is allowed unless the caller trusts the file.
 
+Each reader returns (config values, tensors): a dict of the values it found (HF `BartConfig`
+names) and the state dict. This file knows nothing of the model; model.py builds its config from
+the dict:
+
     from model import BART
-    model = BART.from_pretrained("path/to/hf_dir_or_fairseq.pt")   # BART.from_pretrained calls read_hf_dir / read_fairseq
+    # BART.from_pretrained calls read_hf_dir or read_fairseq
+    model = BART.from_pretrained("path/to/hf_dir_or_fairseq.pt")
 
 Tests: tests/test_model.py (directories written by either side load in the other; fairseq
 layouts; refusals)."""
@@ -14,39 +19,47 @@ import argparse
 import hashlib
 import json
 import os
-from dataclasses import fields
 
 import torch
 
-from model import TIED, BARTConfig
+# the three names of the one shared embedding in an HF checkpoint (model.shared.weight is the
+# tensor itself)
+TIED = ("lm_head.weight", "model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight")
+
+# the legacy fairseq layer-norm lists, by position
+FAIRSEQ_LN = {
+    "encoder": ["self_attn_layer_norm", "final_layer_norm"],
+    "decoder": ["self_attn_layer_norm", "encoder_attn_layer_norm", "final_layer_norm"],
+}
 
 
-def _config_from_tensors(sd, path, **known):
-    """Read V, d, layer counts and position rows from the tensors; `known` (from the file's
-    config) must agree."""
+def config_from_tensors(sd, path, **known):
+    """The config values: `known` (from the file's config) with V, d, the layer counts and the
+    position rows read from the tensors, which `known` must agree with. None values dropped."""
+    if "model.shared.weight" not in sd:
+        raise KeyError(f"{path}: missing tensor 'model.shared.weight' (the token embedding)")
 
     def count(prefix):
         return len({k.split(".")[3] for k in sd if k.startswith(prefix)})
 
-    if "model.shared.weight" not in sd:
-        raise KeyError(f"{path}: missing tensor 'model.shared.weight' (the token embedding)")
     V, d = sd["model.shared.weight"].shape
+    shapes = {
+        "vocab_size": V,
+        "d_model": d,
+        "encoder_layers": count("model.encoder.layers."),
+        "decoder_layers": count("model.decoder.layers."),
+    }
     pos = sd.get("model.encoder.embed_positions.weight")
-    shapes = dict(
-        vocab_size=V,
-        d_model=d,
-        encoder_layers=count("model.encoder.layers."),
-        decoder_layers=count("model.decoder.layers."),
-    )
     if pos is not None:
         shapes["max_position_embeddings"] = pos.shape[0] - 2
     for k, v in shapes.items():
-        if k in known and known[k] is not None and known[k] != v and k != "vocab_size":
+        # the vocabulary may be padded: the tensors decide
+        if k == "vocab_size" or known.get(k) is None:
+            continue
+        if known[k] != v:
             raise ValueError(f"{path}: config says {k}={known[k]} but the tensors give {v}")
-    allowed = {f.name for f in fields(BARTConfig)}
-    return BARTConfig(
-        **{k: v for k, v in {**known, **shapes}.items() if k in allowed and v is not None}
-    )
+    values = {**known, **shapes}
+    return {k: v for k, v in values.items() if v is not None}
 
 
 def verify_sha256sums(path):
@@ -56,13 +69,15 @@ def verify_sha256sums(path):
     sums = os.path.join(path, "SHA256SUMS")
     if not os.path.isfile(sums):
         return
-    for n, line in enumerate(open(sums, encoding="utf-8").read().splitlines(), 1):
+    lines = open(sums, encoding="utf-8").read().splitlines()
+    for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         parts = line.split(maxsplit=1)
         if len(parts) != 2:
             raise ValueError(f"{sums}:{n}: not a line of sha256sum's format ('<sha256>  <file>')")
-        want, name = parts[0], parts[1].strip().lstrip("*")
+        want = parts[0]
+        name = parts[1].strip().lstrip("*")
         f = os.path.join(path, name)
         if not os.path.isfile(f):
             raise FileNotFoundError(
@@ -75,15 +90,13 @@ def verify_sha256sums(path):
                 h.update(block)
         if h.hexdigest() != want:
             raise ValueError(
-                f"{f}: sha256 {h.hexdigest()[:16]}... is not the {want[:16]}... that {sums} records: "
-                f"the file was changed or cut short; restore it (for the shipped base: `git checkout -- "
-                f"{path}`) or retrain with `make base`"
+                f"{f}: sha256 {h.hexdigest()[:16]}... is not the {want[:16]}... that {sums} "
+                f"records: the file was changed or cut short; restore it (for the shipped "
+                f"base: `git checkout -- {path}`) or retrain with `make base`"
             )
 
 
-def read_hf_dir(path):
-    verify_sha256sums(path)
-    cfg_file = os.path.join(path, "config.json")
+def read_hf_json(cfg_file, path):
     if not os.path.isfile(cfg_file):
         raise ValueError(
             f"{path}: not a checkpoint: an HF directory needs config.json (and model.safetensors "
@@ -91,61 +104,83 @@ def read_hf_dir(path):
         )
     try:
         with open(cfg_file) as f:
-            hf = json.load(f)
+            return json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{cfg_file}: not valid JSON ({e})") from None
-    st, binf = os.path.join(path, "model.safetensors"), os.path.join(path, "pytorch_model.bin")
+
+
+def read_hf_tensors(path):
+    """model.safetensors, else pytorch_model.bin, with their HF names."""
+    st = os.path.join(path, "model.safetensors")
+    binf = os.path.join(path, "pytorch_model.bin")
     if os.path.isfile(st):
         from safetensors.torch import load_file
 
         try:
-            raw = load_file(st)
+            return load_file(st)
         # safetensors raises its own error types for empty or truncated files
         except Exception as e:
             raise ValueError(
                 f"{st}: cannot read safetensors file ({e}); is it truncated?"
             ) from None
-    elif os.path.isfile(binf):
-        raw = _safe_torch_load(binf, trusted=False)
-    else:
-        raise FileNotFoundError(
-            f"{path}: no model.safetensors or pytorch_model.bin next to config.json"
-        )
+    if os.path.isfile(binf):
+        return _safe_torch_load(binf, trusted=False)
+    raise FileNotFoundError(
+        f"{path}: no model.safetensors or pytorch_model.bin next to config.json"
+    )
+
+
+def read_hf_dir(path):
+    """(config values, tensors) of an HF directory."""
+    verify_sha256sums(path)
+    cfg_file = os.path.join(path, "config.json")
+    hf = read_hf_json(cfg_file, path)
+    raw = read_hf_tensors(path)
     sd = {}
     for k, v in raw.items():
         # fairseq leftovers in old hub files
         if k.endswith(".version") or k.endswith("_float_tensor"):
             continue
-        k = k[len("model.") :] if k.startswith("model.") else k
-        sd[k if k in ("lm_head.weight", "final_logits_bias") else "model." + k] = v
+        k = k.removeprefix("model.")
+        if k not in ("lm_head.weight", "final_logits_bias"):
+            k = "model." + k
+        sd[k] = v
     if "model.shared.weight" not in sd and "model.encoder.embed_tokens.weight" in sd:
         # some files keep only the tied copy
         sd["model.shared.weight"] = sd["model.encoder.embed_tokens.weight"]
     _check_tied(sd, path)
-    sd.setdefault(
-        "final_logits_bias",
-        torch.zeros(1, sd["model.shared.weight"].shape[0]) if "model.shared.weight" in sd else None,
-    )
-    known = {
-        f.name: hf[f.name] for f in fields(BARTConfig) if f.name in hf and f.name != "attn_impl"
-    }
+    if "final_logits_bias" not in sd:
+        sd["final_logits_bias"] = _zero_logits_bias(sd)
+    # attn_impl is a run-time choice, not the file's
+    known = {k: v for k, v in hf.items() if k != "attn_impl"}
     if hf.get("activation_function", "gelu") != "gelu":
         raise ValueError(
-            f"{cfg_file}: activation_function {hf['activation_function']!r} is not supported (BART uses gelu)"
+            f"{cfg_file}: activation_function {hf['activation_function']!r} is not supported "
+            f"(BART uses gelu)"
         )
-    return _config_from_tensors(sd, path, **known), sd
+    return config_from_tensors(sd, path, **known), sd
+
+
+def _zero_logits_bias(sd):
+    """(1, V) zeros, as HF initialises final_logits_bias; None when the embedding is missing (the
+    config check then names it)."""
+    if "model.shared.weight" not in sd:
+        return None
+    return torch.zeros(1, sd["model.shared.weight"].shape[0])
 
 
 def _check_tied(sd, path):
     """Tied copies (lm_head, both embed_tokens) may be present or absent; when present they must
     equal shared."""
     for k in TIED:
-        if k in sd:
-            t = sd.pop(k)
-            if "model.shared.weight" in sd and not torch.equal(t, sd["model.shared.weight"]):
-                raise ValueError(
-                    f"{path}: {k!r} differs from the shared embedding; untied embeddings are not supported"
-                )
+        if k not in sd:
+            continue
+        t = sd.pop(k)
+        if "model.shared.weight" in sd and not torch.equal(t, sd["model.shared.weight"]):
+            raise ValueError(
+                f"{path}: {k!r} differs from the shared embedding; untied embeddings are not "
+                f"supported"
+            )
 
 
 def _safe_torch_load(path, trusted):
@@ -160,8 +195,9 @@ def _safe_torch_load(path, trusted):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         if "weights_only" in str(e) or "Unsupported global" in str(e):
+            first = str(e).splitlines()[0][:200]
             raise ValueError(
-                f"{path}: refusing to unpickle a non-data object ({str(e).splitlines()[0][:200]}); "
+                f"{path}: refusing to unpickle a non-data object ({first}); "
                 f"pass trusted=True only for a file you trust"
             ) from None
         raise ValueError(
@@ -169,67 +205,76 @@ def _safe_torch_load(path, trusted):
         ) from None
 
 
-FAIRSEQ_LN = {
-    "encoder": ["self_attn_layer_norm", "final_layer_norm"],
-    "decoder": ["self_attn_layer_norm", "encoder_attn_layer_norm", "final_layer_norm"],
-}
-
-
-def read_fairseq(path, trusted):
-    ckpt = _safe_torch_load(path, trusted)
-    if not isinstance(ckpt, dict) or "model" not in ckpt:
-        raise ValueError(
-            f"{path}: unknown checkpoint format: expected a fairseq checkpoint (a dict with 'model' "
-            f"and 'args' or 'cfg') or an HF directory"
-        )
+def fairseq_args(ckpt):
+    """The model's settings of a fairseq checkpoint as a dict: `args` (a Namespace), or in newer
+    checkpoints cfg['model'] (a dict, or a Namespace for legacy archs)."""
     args = ckpt.get("args")
     if args is None and isinstance(ckpt.get("cfg"), dict):
-        # new checkpoints: cfg['model'] is a dict (or a Namespace for legacy archs)
         args = ckpt["cfg"].get("model")
-    a = vars(args) if isinstance(args, argparse.Namespace) else dict(args or {})
+    if isinstance(args, argparse.Namespace):
+        return vars(args)
+    return dict(args or {})
+
+
+def fairseq_name(k):
+    """A fairseq tensor name -> model.py's HF name."""
+    if ".layer_norms." in k:
+        # legacy layer-norm list -> named layer norms
+        stem, rest = k.split(".layer_norms.")
+        idx, kind = rest.split(".")
+        k = f"{stem}.{FAIRSEQ_LN[stem.split('.')[0]][int(idx)]}.{kind}"
+    if k.startswith("encoder.embed_tokens"):
+        k = k.replace("encoder.embed_tokens", "shared")
+    return "model." + k
+
+
+def fairseq_tensors(model_sd):
+    """The HF-named state dict of a fairseq checkpoint's `model`."""
     sd = {}
-    for k, v in ckpt["model"].items():
-        if (
-            k.endswith(".version")
-            or k.endswith("_float_tensor")
-            or k.startswith("classification_heads.")
-        ):
+    for k, v in model_sd.items():
+        if k.endswith(".version") or k.endswith("_float_tensor"):
+            continue
+        if k.startswith("classification_heads."):
             continue
         if k == "decoder.output_projection.weight":
             # tied (fairseq >= 0.10 stores it); checked against shared below
             sd["lm_head.weight"] = v
             continue
-        if ".in_proj_" in k:  # legacy fused q, k, v projection: split into thirds in that order
+        if ".in_proj_" in k:
+            # legacy fused q, k, v projection: split into thirds in that order
             stem, kind = k.split(".in_proj_")
             for name, part in zip(("q_proj", "k_proj", "v_proj"), v.chunk(3, dim=0)):
                 sd[f"model.{stem}.{name}.{kind}"] = part
             continue
-        if ".layer_norms." in k:  # legacy layer-norm list -> named layer norms
-            stem, rest = k.split(".layer_norms.")
-            idx, kind = rest.split(".")
-            k = f"{stem}.{FAIRSEQ_LN[stem.split('.')[0]][int(idx)]}.{kind}"
-        sd[
-            "model." + k.replace("encoder.embed_tokens", "shared")
-            if k.startswith("encoder.embed_tokens")
-            else "model." + k
-        ] = v
+        sd[fairseq_name(k)] = v
+    return sd
+
+
+def read_fairseq(path, trusted):
+    """(config values, tensors) of a fairseq checkpoint."""
+    ckpt = _safe_torch_load(path, trusted)
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise ValueError(
+            f"{path}: unknown checkpoint format: expected a fairseq checkpoint (a dict with "
+            f"'model' and 'args' or 'cfg') or an HF directory"
+        )
+    a = fairseq_args(ckpt)
+    sd = fairseq_tensors(ckpt["model"])
     _check_tied(sd, path)
-    sd["final_logits_bias"] = (
-        torch.zeros(1, sd["model.shared.weight"].shape[0]) if "model.shared.weight" in sd else None
-    )
-    known = dict(
-        d_model=a.get("encoder_embed_dim"),
-        encoder_layers=a.get("encoder_layers"),
-        decoder_layers=a.get("decoder_layers"),
-        encoder_attention_heads=a.get("encoder_attention_heads"),
-        decoder_attention_heads=a.get("decoder_attention_heads"),
-        encoder_ffn_dim=a.get("encoder_ffn_embed_dim"),
-        decoder_ffn_dim=a.get("decoder_ffn_embed_dim"),
-        scale_embedding=not a.get("no_scale_embedding", True),
-        dropout=a.get("dropout"),
-        attention_dropout=a.get("attention_dropout"),
-        activation_dropout=a.get("activation_dropout"),
-    )
+    sd["final_logits_bias"] = _zero_logits_bias(sd)
+    known = {
+        "d_model": a.get("encoder_embed_dim"),
+        "encoder_layers": a.get("encoder_layers"),
+        "decoder_layers": a.get("decoder_layers"),
+        "encoder_attention_heads": a.get("encoder_attention_heads"),
+        "decoder_attention_heads": a.get("decoder_attention_heads"),
+        "encoder_ffn_dim": a.get("encoder_ffn_embed_dim"),
+        "decoder_ffn_dim": a.get("decoder_ffn_embed_dim"),
+        "scale_embedding": not a.get("no_scale_embedding", True),
+        "dropout": a.get("dropout"),
+        "attention_dropout": a.get("attention_dropout"),
+        "activation_dropout": a.get("activation_dropout"),
+    }
     if a.get("encoder_normalize_before") or a.get("decoder_normalize_before"):
         raise ValueError(f"{path}: a pre-LN (normalize_before) model is not BART; not supported")
-    return _config_from_tensors(sd, path, **known), sd
+    return config_from_tensors(sd, path, **known), sd

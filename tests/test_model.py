@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from model import BART, BARTConfig, config_from_preset
+from model import BART, BARTConfig, beam_search, config_from_preset, greedy
 
 transformers = pytest.importorskip("transformers")
 TINY = dict(
@@ -280,6 +280,43 @@ def test_generate_with_forced_bos_matches_hf(tmp_path):
     )
     assert torch.equal(seqs, out.sequences)
     assert (scores - out.sequences_scores).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize(
+    "early_stopping,length_penalty,eos_bias,forced_bos,new_tokens",
+    [
+        (True, 1.0, 4.0, None, 10),
+        (False, 0.5, 4.0, None, 10),
+        ("never", -1.0, 4.0, None, 10),
+        (True, 1.0, 0.0, 0, 10),
+        (True, 1.0, 4.0, None, 0),
+    ],
+)
+def test_greedy_is_beam_search_with_one_beam(
+    early_stopping, length_penalty, eos_bias, forced_bos, new_tokens
+):
+    """generate(num_beams=1) runs model.greedy, the reference loop: the same sequences and scores,
+    bit for bit, as beam search with one beam (inputs finishing at different steps leave both
+    batches alike), under every stopping rule where one beam stops at </s>."""
+    torch.manual_seed(0)
+    ours = BART(BARTConfig(**TINY, forced_bos_token_id=forced_bos)).eval()
+    with torch.no_grad():
+        # large weights: the inputs' outputs differ, and so do their lengths
+        for p in ours.parameters():
+            if p.dim() == 2:
+                p.normal_(std=0.4)
+        ours.final_logits_bias[0, 2] += eos_bias
+    ids, mask, _ = batch(B=5)
+    seqs, scores = greedy(ours, ids, mask, new_tokens, length_penalty)
+    one_beam = beam_search(ours, ids, mask, 1, 1, new_tokens, length_penalty, early_stopping)
+    assert torch.equal(seqs, one_beam[0]) and torch.equal(scores, one_beam[1])
+    kw = dict(
+        max_new_tokens=new_tokens, length_penalty=length_penalty, early_stopping=early_stopping
+    )
+    assert torch.equal(ours.generate(ids, mask, **kw)[0], seqs)
+    if new_tokens and eos_bias:
+        lengths = (seqs != 1).sum(1)
+        assert lengths.min() < lengths.max(), "inputs should finish at different steps"
 
 
 @pytest.mark.parametrize("name,count", [("bart-large", 406_291_456), ("bart-base", 139_420_416)])

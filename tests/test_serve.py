@@ -302,7 +302,10 @@ def test_lldb_runs_mixed_while_inputs_finish_at_different_steps():
     block, groups = server.base.model.decoder.layers[-1], []
     assert isinstance(block, serve.GroupedBlock)
     hook = block.register_forward_pre_hook(
-        lambda mod, args: groups.append({int(u): len(r) for u, r in mod.groups(args[0].shape[0])})
+        lambda mod, args, kwargs: groups.append(
+            {int(u): len(r) for u, r in serve.variant_groups(mod.variant_of, kwargs["route"])}
+        ),
+        with_kwargs=True,
     )
     assert_rows_equal_alone(server, models, ["lldb0"] * 4 + ["lldb1"] * 2, 5)
     hook.remove()
