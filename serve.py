@@ -32,9 +32,17 @@ A request is one JSON object per line: {"id": ..., "run": one of --runs (the fol
 its name), and either "java" (a file) with "method" (a method name), or "src" (the focal context
 as the base reads it)}. Each output line: {"id", "run", "tests": [{"score", "code"}, ... the k
 best first]}, or {"id", "run", "error"} for a request that cannot be served (unknown run, a run
-on another base than the first run's, a missing method): the others are served. This file is not
-in the design card's top level: evaluate.py would not hold it, and serving is its own job
-(README, Layout)."""
+on another base than the first run's, a missing method, a line that is not a JSON object): the
+others are served. One output line per request line, in order (blank lines are skipped). A
+request without an "id", or a line that is not a JSON object, is answered with "id": null and
+"line": its line number in the requests file, so that it is never taken for a request whose id
+is a number.
+
+Bad arguments are refused in one line before any model loads, and nothing is written: --runs
+naming no folder; two runs of one folder name (a request names its run by it); an --out that is
+a folder, lies under a file, or whose folder is missing or not writable. This file is not in the
+design card's top level: evaluate.py would not hold it, and serving is its own job (README,
+Layout)."""
 
 import argparse
 import copy
@@ -578,12 +586,79 @@ def generate_tests(run, java, method, k=5, beams=5, max_new_tokens=None, device=
     return list(zip(scores, tok.decode_batch(seqs)))
 
 
+def run_folders(text):
+    """--runs as a list: the comma-separated folders (an empty item, as after a trailing comma, is
+    dropped)."""
+    return [r for r in text.split(",") if r]
+
+
+def check_runs(run_dirs):
+    """--runs names at least one run, and each folder name once: a request names its run by the
+    folder as given or by its name, so two runs of one name would be served as the last one."""
+    if not run_dirs:
+        raise ValueError(
+            "--runs names no run folder: give one or more run folders, comma-separated "
+            "(--runs runs/a-lora-f0,runs/b-lldb-f0)"
+        )
+    by_name = {}
+    for r in run_dirs:
+        name = Path(r).name
+        first = by_name.get(name)
+        if first is None:
+            by_name[name] = r
+            continue
+        if Path(first).resolve() == Path(r).resolve():
+            raise ValueError(f"--runs names {first} twice: give each run once")
+        raise ValueError(
+            f"--runs: {first} and {r} have the same folder name {name}, by which a request names "
+            "its run: serve them in separate commands, or give one a folder of another name"
+        )
+
+
+def check_out(out):
+    """--out names a file in a folder that exists and can be written (data.atomic_write makes
+    the file there, through a temporary file beside it; nothing makes the folder). The checks of
+    data.output_file, and the folder must exist."""
+    text = str(out)
+    path = Path(out)
+    if text.endswith("/") or path.is_dir():
+        raise ValueError(
+            f"--out {text} is a folder: give the path of a file, such as {path / 'tests.jsonl'}"
+        )
+    # the nearest folder on the path that exists ("." or "/" at the latest)
+    parent = path.parent
+    for parent in path.parents:
+        if parent.exists():
+            break
+    if not parent.is_dir():
+        raise ValueError(f"--out {text}: {parent} is a file, not a folder: give a path in a folder")
+    if parent != path.parent:
+        raise ValueError(
+            f"--out {text}: there is no folder {path.parent}: create it, or give a path in a "
+            "folder that exists"
+        )
+    if not os.access(parent, os.W_OK):
+        raise ValueError(
+            f"--out {text}: the folder {parent} is not writable: give a path in a folder you can "
+            "write to"
+        )
+
+
+def head(req, line):
+    """The first fields of a request's output line: its id and run. A request without an id (or
+    a line that is not a JSON object: req is then {}) gets "id": null and its line number in the
+    requests file."""
+    if req.get("id") is None:
+        return {"id": None, "line": line, "run": req.get("run")}
+    return {"id": req["id"], "run": req.get("run")}
+
+
 def command(a):
     """evaluate.py generate: --runs/--requests/--out serves a file of requests;
     --run/--java/--method prints tests."""
     if a.runs:
         return main(
-            [r for r in a.runs.split(",") if r],
+            run_folders(a.runs),
             a.requests,
             a.out,
             a.k,
@@ -604,15 +679,20 @@ def log(msg):
 
 
 def main(run_dirs, requests, out, k=5, beams=5, max_new_tokens=None, batch_size=16, device="cpu"):
-    """evaluate.py generate --runs A,B --requests FILE --out FILE: every request served, or its
-    error written."""
-    # bad files fail before the models load
-    reqs = data.read_jsonl(requests)
-    folder = Path(out).parent
-    if not (folder.is_dir() and os.access(folder, os.W_OK)):
-        raise PermissionError(
-            f"{out}: its folder {folder} is missing or not writable: give --out another path"
+    """python serve.py (or evaluate.py generate) --runs A,B --requests FILE --out FILE: the
+    arguments checked before any model loads, then every request served, or its error written."""
+    # bad arguments and files fail before the models load
+    check_runs(run_dirs)
+    check_out(out)
+    if not Path(requests).is_file():
+        raise ValueError(
+            f"--requests {requests}: no such file: give a JSON-lines file of requests, one "
+            '{"id": ..., "run": ..., "src": ...} a line'
         )
+    reqs = data.read_jsonl(requests)
+    # each request's line number in the file (data.read_jsonl skips blank lines)
+    raw_lines = Path(requests).read_bytes().splitlines()
+    line_of = [n for n, raw in enumerate(raw_lines, 1) if raw.strip()]
     server, cfg, tok, refused = load(run_dirs, device)
     alias = {Path(r).name: r for r in run_dirs}
     alias.update({r: r for r in run_dirs})
@@ -622,7 +702,10 @@ def main(run_dirs, requests, out, k=5, beams=5, max_new_tokens=None, batch_size=
         obj = req if isinstance(req, dict) else {}
         try:
             if not isinstance(req, dict):
-                raise ValueError(f"{requests}: request {i + 1} is not a JSON object")
+                raise ValueError(
+                    f'{requests}:{line_of[i]}: not a JSON object: a request is {{"id": ..., '
+                    '"run": ..., and "src", or "java" and "method"}'
+                )
             run = alias.get(str(req.get("run")))
             if run is None or run in refused:
                 served = ", ".join(run_dirs)
@@ -630,7 +713,7 @@ def main(run_dirs, requests, out, k=5, beams=5, max_new_tokens=None, batch_size=
                 raise ValueError(why)
             todo.append((i, run, source_of(req, cfg)))
         except ValueError as e:
-            lines[i] = {"id": obj.get("id", i), "run": obj.get("run"), "error": str(e)}
+            lines[i] = {**head(obj, line_of[i]), "error": str(e)}
     records = [{"src": s, "tgt": ""} for _, _, s in todo]
     src = encode_pairs(tok, records, cfg["max_src_len"])[0]
     names = [r for _, r, _ in todo]
@@ -640,7 +723,7 @@ def main(run_dirs, requests, out, k=5, beams=5, max_new_tokens=None, batch_size=
     )
     for (i, _, _), (seqs, scores) in zip(todo, results):
         tests = [{"score": s, "code": c} for s, c in zip(scores, tok.decode_batch(seqs))]
-        lines[i] = {"id": reqs[i].get("id", i), "run": reqs[i]["run"], "tests": tests}
+        lines[i] = {**head(reqs[i], line_of[i]), "tests": tests}
     text = "".join(json.dumps(lines[i]) + "\n" for i in range(len(reqs)))
     data.atomic_write(out, text)
     refused_count = len(reqs) - len(todo)
@@ -665,7 +748,7 @@ def cli(argv=None):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     ap.add_argument("--device", default=device)
     a = ap.parse_args(argv)
-    run_dirs = [r for r in a.runs.split(",") if r]
+    run_dirs = run_folders(a.runs)
     main(run_dirs, a.requests, a.out, a.k, a.beams, a.max_new_tokens, a.batch_size, a.device)
 
 

@@ -3,16 +3,22 @@ customized model alone (base + strategy + delta, model.generate on that run's ro
 of a mixed batch must generate its sequences exactly, and its scores up to float rounding, greedy
 and beam 5, with three runs per strategy whose outputs differ from each other and from the base (so
 a server that ignored a delta would fail). Then the command: requests from run folders, the bad ones
-refused one by one while the rest are served.
+refused one by one while the rest are served; bad arguments (no run, two runs of one folder name,
+an --out that cannot be written) refused in one line before any model loads.
 
 PYTHONPATH=. .venv/bin/python -m pytest tests/test_serve.py -q"""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import data
 import evaluate
 import runs
 import serve
@@ -165,7 +171,10 @@ def test_prefix_runs_in_one_batch_and_solo_runs_generate_what_each_generates_alo
         server.generate(["prefix0", "custom"], *inputs(2))
 
 
-def test_requests_are_served_from_run_folders_and_bad_ones_refused_one_by_one(tmp_path, capsys):
+def run_folders(tmp_path):
+    """A tokenizer, two tiny bases and four run folders under tmp_path: a-lora and b-lldb on
+    "base", c-lldb on "other_base", d-lldb on "base" with another focal context. -> (tokenizer,
+    the six sources it was trained on)."""
     from data.tokenizer import train_tokenizer
 
     srcs = [f"Foo{i} {{ int m{i}(int a) {{ return a + {i}; }} }}" for i in range(6)]
@@ -209,6 +218,11 @@ def test_requests_are_served_from_run_folders_and_bad_ones_refused_one_by_one(tm
             strategy_options={},
         )
         (tmp_path / run / "config.json").write_text(json.dumps(cfg))
+    return tok, srcs
+
+
+def test_requests_are_served_from_run_folders_and_bad_ones_refused_one_by_one(tmp_path, capsys):
+    tok, srcs = run_folders(tmp_path)
     (tmp_path / "Foo.java").write_text("class Foo { int m3(int a) { return a + 3; } }")
     reqs = [
         {"id": "java", "run": "a-lora", "java": str(tmp_path / "Foo.java"), "method": "m3"},
@@ -239,11 +253,12 @@ def test_requests_are_served_from_run_folders_and_bad_ones_refused_one_by_one(tm
     )
     assert "3 requests served, 5 refused" in capsys.readouterr().out
     lines = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
-    # a line that is not a request: its number
-    assert [x["id"] for x in lines] == [r["id"] for r in reqs] + [7]
+    # a line that is not a request: no id, its line number
+    assert [x["id"] for x in lines] == [r["id"] for r in reqs] + [None]
+    assert lines[-1]["line"] == 8
     errors = {x["id"]: x["error"] for x in lines if "error" in x}
-    assert set(errors) == {"nomethod", "unknown", "otherbase", "otherfc", 7}
-    assert "request 8 is not a JSON object" in errors[7]
+    assert set(errors) == {"nomethod", "unknown", "otherbase", "otherfc", None}
+    assert "req.jsonl:8: not a JSON object" in errors[None]
     assert "no method 'absent'" in errors["nomethod"] and "its methods: m3" in errors["nomethod"]
     assert "unknown run 'z-prefix'" in errors["unknown"] and "another base" in errors["otherbase"]
     assert "another focal_context than" in errors["otherfc"]
@@ -268,15 +283,185 @@ def test_requests_are_served_from_run_folders_and_bad_ones_refused_one_by_one(tm
     (tmp_path / "bad.jsonl").write_bytes(b"\xff\n")
     with pytest.raises(ValueError, match=r"bad.jsonl:1: not a UTF-8 JSON line"):
         serve.main(dirs.split(","), tmp_path / "bad.jsonl", tmp_path / "out2.jsonl")
-    with pytest.raises(PermissionError, match=r"is missing or not writable"):
-        serve.main(dirs.split(","), tmp_path / "req.jsonl", tmp_path / "no" / "such" / "out.jsonl")
     assert not (tmp_path / "out2.jsonl").exists()
 
 
+def test_a_request_without_an_id_gets_null_and_its_line_which_no_request_id_can_equal(tmp_path):
+    """A line that is not a JSON object, or a request without an "id", is answered with "id":
+    null and "line": its line number in the file (blank lines counted, as in data.read_jsonl's
+    errors), not with a number a real request's id could also be. One output line per request
+    line; a request with an id keeps its output line as it was."""
+    tok, srcs = run_folders(tmp_path)
+    request_lines = [
+        json.dumps({"id": 1, "run": "a-lora", "src": srcs[0]}),
+        "",
+        "[1, 2]",
+        json.dumps({"run": "a-lora", "src": srcs[1]}),
+        json.dumps({"id": 2, "run": "a-lora", "src": srcs[2]}),
+        "3",
+    ]
+    requests = tmp_path / "req.jsonl"
+    requests.write_text("\n".join(request_lines) + "\n")
+    out = tmp_path / "out.jsonl"
+    returned = serve.main([str(tmp_path / "a-lora")], requests, out, 1, 1, 2)
+    written = [json.loads(x) for x in out.read_text().splitlines()]
+    assert written == returned
+    assert [x["id"] for x in written] == [1, None, None, 2, None]
+    assert [x.get("line") for x in written] == [None, 3, 4, None, 6]
+    assert written[1] == {
+        "id": None,
+        "line": 3,
+        "run": None,
+        "error": f'{requests}:3: not a JSON object: a request is {{"id": ..., "run": ..., and '
+        '"src", or "java" and "method"}',
+    }
+    # the served ones: a request with an id has its output line as before
+    assert [sorted(written[i]) for i in (0, 2, 3)] == [
+        ["id", "run", "tests"],
+        ["id", "line", "run", "tests"],
+        ["id", "run", "tests"],
+    ]
+    assert written[4]["error"].startswith(f"{requests}:6: not a JSON object")
+
+
+# bad arguments of the command (python serve.py and evaluate.py generate --runs): one line that
+# names the input and says what to do, before any model loads, and nothing written
+
+
+def serve_py(argv):
+    serve.cli(argv)
+
+
+def evaluate_generate(argv):
+    evaluate.main(["generate", *argv])
+
+
+def command_line(tmp_path, run_list, out=None):
+    """The arguments of a command over a one-request file; --out tmp_path/out.jsonl unless given."""
+    requests = tmp_path / "req.jsonl"
+    requests.write_text(json.dumps({"id": 1, "run": "a-lora", "src": "int m() {}"}) + "\n")
+    if out is None:
+        out = tmp_path / "out.jsonl"
+    return ["--runs", run_list, "--requests", str(requests), "--out", str(out)]
+
+
+def refused(entry, argv, tmp_path, monkeypatch):
+    """Runs a command line that must be refused before any model loads, through data.cli as the
+    entry points run it: -> the line it exits with. Nothing may be written under tmp_path."""
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("a model was loaded before the bad input was refused")
+
+    monkeypatch.setattr(serve, "load", no_load)
+    before = sorted(tmp_path.rglob("*"))
+    with pytest.raises(SystemExit) as e:
+        data.cli(entry, argv)
+    assert sorted(tmp_path.rglob("*")) == before
+    line = str(e.value.code)
+    assert line.startswith("error: ") and "\n" not in line
+    return line
+
+
+NO_RUN = (
+    "error: --runs names no run folder: give one or more run folders, comma-separated "
+    "(--runs runs/a-lora-f0,runs/b-lldb-f0)"
+)
+
+
+@pytest.mark.parametrize("entry", [serve_py, evaluate_generate])
+def test_runs_naming_no_run_folder_is_refused_in_one_line(entry, tmp_path, monkeypatch):
+    for run_list in (",", ",,"):
+        argv = command_line(tmp_path, run_list)
+        assert refused(entry, argv, tmp_path, monkeypatch) == NO_RUN
+
+
+def test_serve_py_with_no_run_exits_non_zero_with_one_line_and_no_traceback(tmp_path):
+    argv = command_line(tmp_path, "")
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    result = subprocess.run(
+        [sys.executable, "serve.py", *argv],
+        cwd=Path(serve.__file__).parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode != 0
+    assert result.stderr.splitlines() == [NO_RUN]
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+@pytest.mark.parametrize("entry", [serve_py, evaluate_generate])
+def test_two_runs_with_one_folder_name_are_refused_naming_both_paths(entry, tmp_path, monkeypatch):
+    a = str(tmp_path / "a" / "x-lldb-f0")
+    b = str(tmp_path / "b" / "x-lldb-f0")
+    line = refused(entry, command_line(tmp_path, f"{a},{b}"), tmp_path, monkeypatch)
+    assert line == (
+        f"error: --runs: {a} and {b} have the same folder name x-lldb-f0, by which a request "
+        "names its run: serve them in separate commands, or give one a folder of another name"
+    )
+    # the same folder twice
+    line = refused(entry, command_line(tmp_path, f"{a},{a}/"), tmp_path, monkeypatch)
+    assert line == f"error: --runs names {a} twice: give each run once"
+
+
+@pytest.mark.parametrize(
+    "case", ["a folder", "ends in /", "under a file", "no folder", "read-only"]
+)
+@pytest.mark.parametrize("entry", [serve_py, evaluate_generate])
+def test_an_out_that_cannot_be_written_is_refused_before_any_model_loads(
+    entry, case, tmp_path, monkeypatch
+):
+    (tmp_path / "afile").write_text("x")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    if os.geteuid() == 0:
+        # root writes anywhere: the folder is read-only to the check as it is to everyone else
+        access = os.access
+
+        def no_write_in_ro(path, mode, **kw):
+            if Path(path) == ro and mode & os.W_OK:
+                return False
+            return access(path, mode, **kw)
+
+        monkeypatch.setattr(os, "access", no_write_in_ro)
+    out, why = {
+        "a folder": (
+            str(tmp_path),
+            f"is a folder: give the path of a file, such as {tmp_path / 'tests.jsonl'}",
+        ),
+        "ends in /": (
+            f"{tmp_path}/new/",
+            f"is a folder: give the path of a file, such as {tmp_path / 'new' / 'tests.jsonl'}",
+        ),
+        "under a file": (
+            f"{tmp_path}/afile/out.jsonl",
+            f"{tmp_path / 'afile'} is a file, not a folder: give a path in a folder",
+        ),
+        "no folder": (
+            f"{tmp_path}/no/such/out.jsonl",
+            f"there is no folder {tmp_path / 'no' / 'such'}: create it, or give a path in a "
+            "folder that exists",
+        ),
+        "read-only": (
+            f"{ro}/out.jsonl",
+            f"the folder {ro} is not writable: give a path in a folder you can write to",
+        ),
+    }[case]
+    sep = ": "
+    if why.startswith("is a folder"):
+        sep = " "
+    line = refused(entry, command_line(tmp_path, "a-lora", out), tmp_path, monkeypatch)
+    ro.chmod(0o755)
+    assert line == f"error: --out {out}{sep}{why}"
+
+
 def test_a_row_index_without_a_prefix_reaches_the_triton_kernel_as_none():
-    """lora/lldb/leo batches pass model.generate a row index and no prefix; the Triton kernel
-    (here in its CPU interpreter) takes an index only with a prefix bank: model.attention_triton
-    drops it. Against sdpa alone."""
+    """lora/lldb/leo batches pass model.generate a route and no prefix: prefix_index is the
+    prefix bank's index only, so the attention calls get none (Attention.attend hands the kernel
+    an index only with a prefix). The Triton path (here in its CPU interpreter) against sdpa
+    alone."""
     models = {"lora0": customized("lora", 1), "lldb0": customized("lldb", 2)}
     server = server_of(models)
     server.base.config.attn_impl = "triton"  # one config object for every layer of the base
@@ -316,3 +501,9 @@ def test_lldb_runs_mixed_while_inputs_finish_at_different_steps():
     assert any(shrank), (
         f"a group should lose rows while another goes on (rows per group and step: {groups})"
     )
+
+
+def test_a_missing_requests_file_is_one_line_that_says_what_to_give(tmp_path):
+    with pytest.raises(ValueError, match=r"^--requests .*nothere.jsonl: no such file: give a JSON"):
+        serve.main([str(tmp_path / "run")], tmp_path / "nothere.jsonl", tmp_path / "out.jsonl")
+    assert not (tmp_path / "out.jsonl").exists()
