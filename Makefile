@@ -23,6 +23,7 @@ setup:  ## create .venv/ and install the pinned runtime and test dependencies
 	python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt -r requirements-test.txt
+	if command -v javac >/dev/null 2>&1; then $(MAKE) setup-java; fi
 lint:  ## ruff format --check and ruff check (ruff.toml)
 	$(PY) -m ruff format --check .
 	$(PY) -m ruff check .
@@ -45,17 +46,17 @@ checkpoints/base/config.json:
 	@echo "the shipped base checkpoints/base/ is missing: restore it with 'git checkout -- checkpoints/base'"; exit 1
 
 # one run: $(1) project (a name or a checkout), $(2) strategy, $(3) fold; made as $(4), else as a run of experiment
-define RUN
+define RUN_RULE
 $(or $(4),runs/$(1)-$(2)-f$(3)/metrics.json): $(BASE)/config.json $(CORPUS)/$(call PNAME,$(1)).jsonl
 	$(PY) train.py --strategy=$(2) --project=$(1) --fold=$(3) --base=$(BASE) $(ARGS)
 	$(PY) evaluate.py runs/$(call PNAME,$(1))-$(2)-f$(3)
 $(if $(4),,experiment: runs/$(1)-$(2)-f$(3)/metrics.json)
 endef
 train:  ## customize the base (STRATEGY, PROJECT, FOLD), then evaluate
-$(eval $(call RUN,$(PROJECT),$(STRATEGY),$(FOLD),train))
+$(eval $(call RUN_RULE,$(PROJECT),$(STRATEGY),$(FOLD),train))
 smoke:  ## every strategy overfits one batch of the tiny preset (seconds)
 	$(PY) -m pytest tests/test_train.py -k overfit
-$(foreach p,$(PROJECTS),$(foreach s,$(STRATEGIES),$(foreach f,$(FOLDS),$(eval $(call RUN,$(p),$(s),$(f))))))
+$(foreach p,$(PROJECTS),$(foreach s,$(STRATEGIES),$(foreach f,$(FOLDS),$(eval $(call RUN_RULE,$(p),$(s),$(f))))))
 experiment:  ## the projects x strategies x folds matrix (make -j safe; done runs skipped)
 	$(PY) evaluate.py --report runs
 flops:  ## Table 1 and FLOPs per token per strategy (bart-large)
@@ -64,3 +65,12 @@ gpu-check:  ## on a GPU: kernel checks, tuning sweep, SDPA benchmark, strategies
 	$(PY) tools/gpu_check.py
 report:  ## Table 3/4 and Figure 3/4 analogues from every run under runs/
 	$(PY) evaluate.py --report runs
+
+.PHONY: setup-java execute
+setup-java:  ## the execution harness's Java side, as root: apt installs bubblewrap, JUnit, JaCoCo, the targets' jars (skipped without javac)
+	@if ! command -v javac >/dev/null 2>&1; then echo "setup-java: no javac on PATH: skipped (execute.py reports 'not run')"; \
+	elif [ "$$(id -u)" != 0 ]; then echo "setup-java: needs root for apt-get: skipped; as root: apt-get install $$($(PY) execute.py --packages)"; \
+	else apt-get update -q && apt-get install -y -q --no-install-recommends $$($(PY) execute.py --packages) && $(PY) execute.py --check; fi
+RUN ?= runs/$(call PNAME,$(PROJECT))-$(STRATEGY)-f$(FOLD)# the run make execute tests
+execute:  ## compile and run RUN's generated tests, sandboxed: execution.json, the figures into its metrics.json
+	$(PY) execute.py $(RUN) --merge
