@@ -4,7 +4,7 @@ tests a run's models generated, in the real test class of each test-fold pair, a
     python execute.py runs/<name> [--k 5] [--timeout 10] [--jobs 2] [--no-cache] [--merge]
     python execute.py --project commons-io [--fold 0]   # harness_valid of a fold, no run needed
     python execute.py --packages      # the Debian packages the harness needs (make setup-java)
-    make execute RUN_DIR=runs/<name>  # also --merge: the figures go into its metrics.json
+    make execute RUN=runs/<name>  # also --merge: the figures go into its metrics.json
 
 For each pair of the run's test fold, each of a model's k beams (a one-line Java test method)
 replaces the reference method's text in the pair's test class; the class is compiled against the
