@@ -3,8 +3,9 @@ AthenaTest, which was never released) and the customization of a base model to o
 strategy (§2.2-2.6), trained "until the best validation loss is reached", with the compute of every
 step accounted in PF-s (§3.4, Figure 4).
 
-    make base                                    # the shipped base's recipe, from scratch -> checkpoints/base-new
-    make train STRATEGY=lldb [PROJECT=commons-io] [FOLD=0]      # customize, then score with evaluate.py
+    make base                        # the shipped base's recipe, from scratch
+                                     # -> checkpoints/base-new
+    make train STRATEGY=lldb [PROJECT=commons-io] [FOLD=0]  # customize, then score (evaluate.py)
     python train.py --mode=customize --strategy=prefix --project=commons-io --fold=1 --lr=1e-3
     torchrun --nproc_per_node=2 train.py --mode=base             # data parallel (base training)
 
@@ -17,9 +18,13 @@ the perplexity with their own: 1.0 means the model ignores its input (docs/sourc
 
 A run folder runs/<name>/ (runs.py: its files) resumes from last.pt when rerun with the same name
 and settings; the base checkpoint carries training.json, what it learned with, which
-customization and evaluation read."""
+customization and evaluation read.
 
-import functools
+The file reads top to bottom: the settings and their parsing; the data (load_data) and the two
+streams of training batches (PairStream, DenoiseStream); the model and the optimizer; the step
+(schedule, forward and backward, compute); validation; and main, which strings them together."""
+
+import dataclasses
 import math
 import os
 import re
@@ -27,16 +32,16 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 import data
-import evaluate
 import flops
 import runs
 import strategies
 from data import denoise
-from data.tokenizer import EOS, PAD, SPECIAL_IDS, encode_pairs, load_tokenizer
+from data.batch import bucketed_batches, collate, labels
+from data.tokenizer import SPECIAL_IDS, encode_pairs, load_tokenizer
+from losses import loss_fn, source_nll, target_nll
 from model import BART, config_from_preset
 
 # -----------------------------------------------------------------------------
@@ -191,14 +196,16 @@ def parse_args(argv, defaults):
     cfg, given = runs.parse_settings(argv, defaults)
     if cfg["mode"] not in ("base", "customize"):
         raise SystemExit(f"mode must be 'base' or 'customize', got {cfg['mode']!r}")
-    cfg["strategy"] = "custom" if cfg["mode"] == "base" else cfg["strategy"]
+    if cfg["mode"] == "base":
+        cfg["strategy"] = "custom"
     if cfg["strategy"] not in strategies.STRATEGIES:
         raise SystemExit(
             f"unknown strategy {cfg['strategy']!r}; valid: {', '.join(strategies.STRATEGIES)}"
         )
     if cfg["focal_context"] and cfg["focal_context"] not in data.FOCAL_CONTEXTS:
         raise SystemExit(
-            f"focal_context must be one of {', '.join(data.FOCAL_CONTEXTS)}, got {cfg['focal_context']!r}"
+            f"focal_context must be one of {', '.join(data.FOCAL_CONTEXTS)}, "
+            f"got {cfg['focal_context']!r}"
         )
     if cfg["mode"] == "customize" and (cfg["denoise_steps"] or cfg["denoise_every"]):
         raise SystemExit(
@@ -213,14 +220,18 @@ def parse_args(argv, defaults):
         raise SystemExit(f"dtype must be fp32, bf16 or auto, got {cfg['dtype']!r}")
     if cfg["attn_impl"] == "triton" and cfg["attention_dropout"] > 0:
         raise SystemExit(
-            f"attn_impl=triton has no attention dropout but attention_dropout={cfg['attention_dropout']}:"
+            f"attn_impl=triton has no attention dropout but "
+            f"attention_dropout={cfg['attention_dropout']}:"
             f" set --attention_dropout=0 or --attn_impl=sdpa"
         )
-    cfg["lr"] = cfg["lr"] or LR["base" if cfg["mode"] == "base" else cfg["strategy"]]
-    project = os.path.splitext(os.path.basename(os.path.normpath(cfg["project"])))[0]
-    cfg["name"] = cfg["name"] or (
-        "base" if cfg["mode"] == "base" else f"{project}-{cfg['strategy']}-f{cfg['fold']}"
-    )
+    if not cfg["lr"]:
+        cfg["lr"] = LR["base" if cfg["mode"] == "base" else cfg["strategy"]]
+    if not cfg["name"]:
+        project = os.path.splitext(os.path.basename(os.path.normpath(cfg["project"])))[0]
+        if cfg["mode"] == "base":
+            cfg["name"] = "base"
+        else:
+            cfg["name"] = f"{project}-{cfg['strategy']}-f{cfg['fold']}"
     if cfg["mode"] == "base":
         cfg.update({k: v for k, v in BASE_DEFAULTS.items() if k not in given})
         if cfg["denoise_steps"] >= cfg["max_steps"]:
@@ -240,95 +251,216 @@ def strategy_options(cfg):
             sites=tuple(cfg["prefix_sites"].split(",")),
             mlp_hidden=cfg["prefix_mlp"],
         )
-    return dict(r=cfg["lora_rank"]) if cfg["strategy"] == "lora" else {}
+    if cfg["strategy"] == "lora":
+        return dict(r=cfg["lora_rank"])
+    return {}
 
 
-def collate(src, tgt, device):
-    """Pad a list of (source, target) id lists into a batch. Targets are encoded <s> t1..tn </s>;
-    as in fairseq's translation task (AthenaTest), the decoder reads </s> t1..tn and predicts
-    t1..tn </s> (no <s>)."""
-    y = [t[1:] for t in tgt]  # drop <s>
-    S, T = max(map(len, src)), max(map(len, y))
-    ids = torch.full((len(src), S), PAD, dtype=torch.long)
-    dec = torch.full((len(src), T), PAD, dtype=torch.long)
-    # -100: ignored by cross_entropy (padding)
-    labels = torch.full((len(src), T), -100, dtype=torch.long)
-    for i, (s, t) in enumerate(zip(src, y)):
-        ids[i, : len(s)] = torch.tensor(s)
-        dec[i, : len(t)] = torch.tensor([EOS] + t[:-1])
-        labels[i, : len(t)] = torch.tensor(t)
-    return ids.to(device), (ids != PAD).long().to(device), dec.to(device), labels.to(device)
+def denoises(cfg):
+    """Does the run have denoising steps (a base's first stage, or mixed into its second)?"""
+    return bool(cfg["denoise_steps"] or cfg["denoise_every"])
 
 
-def batches(lengths, batch_size, seed, epoch, bucket=64):
-    """This epoch's batches of example indices. A permutation seeded by (seed, epoch) is cut into
-    chunks of `bucket` batches; each chunk is sorted by length and cut into batches, and the
-    batches are shuffled: batches of similar lengths (little padding) in a random order. The same
-    on every machine, so a resumed run sees exactly the batches it would have seen. lengths[i]:
-    the cost of example i (source + target tokens)."""
-    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    perm, n = (
-        torch.randperm(len(lengths), generator=g).tolist(),
-        len(lengths) - len(lengths) % batch_size,
-    )
-    chunk = bucket * batch_size
-    chunks = [sorted(perm[i : i + chunk], key=lambda j: lengths[j]) for i in range(0, n, chunk)]
-    out = [
-        c[i : i + batch_size] for c in chunks for i in range(0, len(c) - batch_size + 1, batch_size)
-    ]
-    return [out[i] for i in torch.randperm(len(out), generator=g).tolist()] or [perm]
+def noise_settings(cfg):
+    """How denoising noises a window (data/denoise.py): the share of tokens masked, in spans of
+    Poisson(poisson_lambda) length (BART §2.2)."""
+    return dict(ratio=cfg["mask_ratio"], poisson_lambda=cfg["poisson_lambda"])
 
 
-def loss_fn(model, batch, autocast):
-    """Mean cross-entropy per target token. The output layer runs on the real target positions
-    only (pads would cost V = 8192 columns each and be thrown away)."""
-    ids, mask, dec, labels = batch
-    real = labels != -100
-    with autocast:
-        logits = model(ids, mask, dec, logits_at=real)  # (N real positions, V)
-    return F.cross_entropy(logits.float(), labels[real])
+@dataclasses.dataclass
+class Env:
+    """Where this process trains (runs.resolve): under torchrun (ddp) rank `rank` of `world`; the
+    device (cuda: a GPU) and the attention implementation; autocast: the compute dtype's, set
+    once the dtype is picked."""
+
+    ddp: bool
+    rank: int
+    world: int
+    cuda: bool
+    device: str
+    attn_impl: str
+    autocast: object = None
+
+    @property
+    def master(self):
+        """The process that prints and writes the run folder."""
+        return self.rank == 0
 
 
-def source_check(model, val, cfg, device, autocast, n_gain=128, n_spread=8):
-    """Does the model read its input (docs/source-gain.md)? val_loss: the mean validation loss
-    per target token with each pair's own source (EOS included; the early-stopping criterion). On
-    n_gain pairs taken evenly through the validation set also with the source of another focal
-    class and with an empty source: source_gain = exp(other - own) on those pairs, exactly 1.0
-    for a model that ignores its input. encoder_spread: the std across n_spread inputs of the
-    encoder's output states (first L positions, L the shortest), averaged over positions and
-    channels: it falls towards 0 as the encoder collapses (every input mapped to the same
-    states)."""
-    # evaluate's targets: t1..tn </s>, no <s>
-    src, tgt, partner = val[0], [t[1:] for t in val[1]], val[2]
+# -----------------------------------------------------------------------------
+# the data: records -> splits -> token ids; the streams of training batches
 
-    def mean(nll):
-        return sum(s for s, _ in nll) / sum(n for _, n in nll)
 
-    # evenly through the class-ordered pairs
-    sub = list(range(len(src)))[:: max(1, len(src) // n_gain)][:n_gain]
-    model.eval()
-    with autocast:
-        own = evaluate.target_nll(model, src, tgt, 2 * cfg["batch_size"], device)
-        sides = evaluate.source_nll(
-            model,
-            [src[i] for i in sub],
-            [tgt[i] for i in sub],
-            [src[partner[i]] for i in sub],
-            2 * cfg["batch_size"],
-            device,
+@dataclasses.dataclass
+class Data:
+    """What a run learns from: the splits' records; the training pairs as token ids (targets as
+    encoded, <s> t1..tn </s>) and how many of them were cut to the maximum lengths; the
+    validation pairs (sources, targets, partners: source_check); in a run with denoising steps,
+    the windows of Java text of at most `width` tokens and their validation set."""
+
+    train: list
+    val: list
+    test: list
+    src: list
+    tgt: list
+    truncated: int
+    val_pairs: tuple
+    windows: list = None
+    dn_val: tuple = None
+    width: int = 0
+
+
+def load_records(cfg):
+    """The records of the base projects (base) or of the target project, each with the focal
+    context the base reads."""
+    key = f"src_{cfg['focal_context']}"
+    if cfg["mode"] == "base":
+        names = cfg["base_projects"].replace(",", " ").split()
+    else:
+        names = [cfg["project"]]
+    records = data.load_projects(names)
+    lacking = next((r for r in records if key not in r), None)
+    if lacking is not None:
+        raise SystemExit(
+            f"record {lacking.get('id')!r} of {lacking.get('project')!r} has no {key!r}, the "
+            f"focal context the base reads ({cfg['focal_context']}): mine the corpus again with "
+            f"`python -m data.mine`"
         )
-        ids, mask, _, _ = collate(src[:n_spread], val[1][:n_spread], device)
-        spread = (
-            model.encode(ids, mask)[:, : int(mask.sum(1).min())].float().std(dim=0).mean().item()
+    return records
+
+
+def split(records, cfg):
+    """(train, val, test): the customization's folds; the base has no test fold, 5% of its test
+    classes validate."""
+    if cfg["mode"] == "base":
+        train, val = data.holdout(records, seed=cfg["seed"])
+        test = []
+    else:
+        train, val, test = data.folds(records, cfg["fold"], cfg["k_folds"], cfg["seed"])
+    if not train or not val:
+        what = "the base" if cfg["mode"] == "base" else cfg["project"]
+        raise SystemExit(
+            f"the training or validation split of {what} (fold {cfg['fold']}) is empty: the "
+            f"project has too few test classes"
         )
-    model.train()
-    return dict(
-        val_loss=mean(own),
-        val_loss_other_source=mean(sides[1]),
-        val_loss_empty_source=mean(sides[2]),
-        source_gain=math.exp(mean(sides[1]) - mean(sides[0])),
-        encoder_spread=spread,
-    )
+    return train, val, test
+
+
+def load_data(cfg, tok):
+    """The run's Data, in the focal context the base reads (src_<focal_context>). Binds the run
+    to its records: cfg["corpus_checksum"] (a resume, or a scoring, on a rewritten corpus is
+    refused by name)."""
+    records = load_records(cfg)
+    cfg["corpus_checksum"] = data.records_checksum(records)
+    train, val, test = split(records, cfg)
+    lengths = (cfg["max_src_len"], cfg["max_tgt_len"])
+    key = f"src_{cfg['focal_context']}"
+    src, tgt, truncated = encode_pairs(tok, train, *lengths, src_key=key)
+    val_src, val_tgt, _ = encode_pairs(tok, val, *lengths, src_key=key)
+    val_pairs = (val_src, val_tgt, data.other_class_partners(val))
+    d = Data(train, val, test, src, tgt, truncated, val_pairs)
+    if denoises(cfg):
+        d.width = cfg["denoise_window"] or min(lengths) - 2
+        # the text: the training records' Java, never the validation's
+        d.windows, d.dn_val = denoise.stage(
+            tok,
+            train,
+            val,
+            cfg["focal_context"],
+            d.width,
+            cfg["seed"],
+            text=cfg["denoise_text"],
+            max_chars=cfg["denoise_chars"],
+            **noise_settings(cfg),
+        )
+    return d
+
+
+class PairStream:
+    """The supervised batches, endlessly: each epoch the training pairs in the whole batches
+    that bucketed_batches cuts for (seed, epoch), this rank's share of each global batch. The
+    stream knows its place, the epoch and the batch within it, and keeps it in the checkpoint's
+    state under epoch_key and batch_key: a resumed run draws the batches it would have drawn."""
+
+    epoch_key = "epoch"
+    batch_key = "batch"
+
+    def __init__(self, src, tgt, batch_size, seed, env):
+        self.src = src
+        self.tgt = tgt
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank = env.rank
+        self.world = env.world
+        self.epoch = 0
+        self.batch = 0
+
+    def pairs(self):
+        """(sources, targets) of the current epoch."""
+        return self.src, self.tgt
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        """This rank's share of the next batch, as (sources, targets); the stream moves on to
+        its next batch, or to the next epoch."""
+        src, tgt = self.pairs()
+        lengths = [len(s) + len(t) for s, t in zip(src, tgt)]
+        plan = bucketed_batches(lengths, self.batch_size * self.world, self.seed, self.epoch)
+        idx = plan[self.batch][self.rank :: self.world]
+        self.batch += 1
+        if self.batch == len(plan):
+            self.epoch += 1
+            self.batch = 0
+        return [src[i] for i in idx], [tgt[i] for i in idx]
+
+    def save(self, state):
+        state[self.epoch_key] = self.epoch
+        state[self.batch_key] = self.batch
+
+    def restore(self, state):
+        self.epoch = state[self.epoch_key]
+        self.batch = state[self.batch_key]
+
+
+class DenoiseStream(PairStream):
+    """The denoising batches, drawn as PairStream draws: the windows of Java text, noised afresh
+    every epoch (noised_pairs, seeded by the epoch: the same noise after a resume)."""
+
+    epoch_key = "dn_epoch"
+    batch_key = "dn_batch"
+
+    def __init__(self, tok, windows, noise, batch_size, seed, env):
+        super().__init__(None, None, batch_size, seed, env)
+        self.tok = tok
+        self.windows = windows
+        self.noise = noise
+        self.noised_epoch = None
+
+    def pairs(self):
+        if self.noised_epoch != self.epoch:
+            noised = denoise.noised_pairs(
+                self.tok, self.windows, self.seed, self.epoch, **self.noise
+            )
+            self.src, self.tgt = noised
+            self.noised_epoch = self.epoch
+        return self.src, self.tgt
+
+
+def make_streams(d, tok, cfg, env):
+    """{"pairs": PairStream} and, in a run with denoising steps, "denoise": DenoiseStream."""
+    streams = {"pairs": PairStream(d.src, d.tgt, cfg["batch_size"], cfg["seed"], env)}
+    if denoises(cfg):
+        # windows per batch: short windows, more of them
+        size = cfg["denoise_batch_size"] or cfg["batch_size"]
+        noise = noise_settings(cfg)
+        streams["denoise"] = DenoiseStream(tok, d.windows, noise, size, cfg["seed"], env)
+    return streams
+
+
+# -----------------------------------------------------------------------------
+# the machine, the model and the optimizer
 
 
 def native_bf16(cuda):
@@ -359,7 +491,8 @@ def measure_peak(device, dtype, n=2048, reps=5):
     a = torch.randn(n, n, device=device, dtype=torch_dtype)
     b = torch.randn(n, n, device=device, dtype=torch_dtype)
     sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
-    for _ in range(2):  # warm-up (thread pool, AMX tile set-up, cuBLAS heuristics)
+    # warm-up (thread pool, AMX tile set-up, cuBLAS heuristics)
+    for _ in range(2):
         a @ b
     best = float("inf")
     for _ in range(reps):
@@ -368,14 +501,118 @@ def measure_peak(device, dtype, n=2048, reps=5):
         a @ b
         sync()
         best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best  # a multiply-add is 2 FLOPs (flops.py's convention)
+    # a multiply-add is 2 FLOPs (flops.py's convention)
+    return 2 * n**3 / best
+
+
+def autocast_of(dtype, cuda):
+    """bf16: autocast runs the matmuls in bf16, the weights and AdamW's state stay fp32; fp32: an
+    autocast that is off."""
+    return torch.autocast("cuda" if cuda else "cpu", dtype=torch.bfloat16, enabled=dtype == "bf16")
+
+
+def print_dtype(dtype, peak, cuda):
+    line = f"dtype: {dtype}"
+    if dtype == "bf16":
+        why = (
+            "native on this machine"
+            if native_bf16(cuda)
+            else "emulated on this CPU: slower than fp32"
+        )
+        line += f" autocast, fp32 master weights ({why})"
+    print(line + f"; measured {dtype} matmul peak {peak / 1e12:.3f} TFLOP/s (2048^3)")
+
+
+def build_model(cfg, tok, options, d, env):
+    """The model on env.device: the preset from scratch (base), or the base checkpoint with the
+    strategy applied (customize); this run's dropout replaces the checkpoint's."""
+    vocab_size = tok.get_vocab_size()
+    if cfg["mode"] == "base":
+        config = config_from_preset(cfg["preset"], vocab_size=vocab_size, attn_impl=env.attn_impl)
+        model = BART(config)
+    else:
+        model = BART.from_pretrained(
+            cfg["base"], attn_impl=env.attn_impl, expect_vocab_size=vocab_size
+        )
+        if env.master and model.config.attention_dropout != cfg["attention_dropout"]:
+            print(
+                f"attention_dropout: the checkpoint's {model.config.attention_dropout} replaced "
+                f"by this run's {cfg['attention_dropout']} (--attention_dropout)"
+            )
+    model.config.__dict__.update(dropout=cfg["dropout"], attention_dropout=cfg["attention_dropout"])
+    model.to(env.device)
+    init = {}
+    if cfg["strategy"] == "prefix":
+        # paper §2.5: initialized from the project's most frequent tokens
+        ids = d.src + d.tgt
+        init["init_ids"] = strategies.most_frequent_ids(ids, cfg["prefix_len"], exclude=SPECIAL_IDS)
+    strategies.apply(model, cfg["strategy"], **options, **init)
+    return model
+
+
+def decays(name, p):
+    """AdamW's weight decay applies to matrices only: not to biases, LayerNorms, embeddings or
+    prefixes."""
+    return p.dim() >= 2 and not ("shared" in name or "embed" in name or name.startswith("prefix"))
+
+
+def build_optimizer(model, cfg, cuda):
+    """AdamW over the trainable tensors, in groups by weight decay (named_parameters lists the
+    tied embedding once, as model.shared.weight) and by whether they are the encoder's
+    (encoder_delay)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = []
+    for decay in (True, False):
+        for encoder in (True, False):
+            params = [
+                p
+                for n, p in named
+                if decays(n, p) == decay and n.startswith("model.encoder.") == encoder
+            ]
+            if params:
+                weight_decay = cfg["weight_decay"] if decay else 0.0
+                groups.append(dict(params=params, weight_decay=weight_decay, encoder=encoder))
+    kernel = {"fused": True} if cuda else {"foreach": True}
+    return torch.optim.AdamW(groups, lr=cfg["lr"], betas=(0.9, cfg["beta2"]), **kernel)
+
+
+def data_parallel(model, env):
+    """The model the steps run: under torchrun, wrapped in DistributedDataParallel."""
+    if not env.ddp:
+        return model
+    return DistributedDataParallel(model, device_ids=[env.device] if env.cuda else None)
+
+
+def write_config(run, cfg, options, model, d, dtype, env):
+    """config.json: the resolved settings and what evaluate.py and a resume need."""
+    trainable = sum(p.numel() for p in strategies.trainable_parameters(model))
+    note = ""
+    if denoises(cfg):
+        note = f"; denoising: {len(d.windows)} windows of <= {d.width} tokens"
+    saved = {
+        **cfg,
+        "strategy_options": options,
+        "corpus": cfg["project"],
+        "resolved": dict(device=env.device, attn_impl=env.attn_impl, dtype=dtype),
+        "trainable_parameters": trainable,
+        "total_parameters": model.num_parameters(),
+        "truncated_training_pairs": d.truncated,
+        "splits": dict(train=len(d.train), val=len(d.val), test=len(d.test)),
+    }
+    runs.write_config(run, saved, note)
+
+
+# -----------------------------------------------------------------------------
+# the step: schedule, forward and backward, compute
 
 
 def stage_of(step, cfg):
     """(stage, first step of the stage, steps in the stage): denoising for the first
     denoise_steps, then pairs."""
     D = cfg["denoise_steps"]
-    return ("denoise", 0, D) if step < D else ("supervised", D, cfg["max_steps"] - D)
+    if step < D:
+        return "denoise", 0, D
+    return "supervised", D, cfg["max_steps"] - D
 
 
 def get_lr(step, cfg, encoder=False):
@@ -384,7 +621,9 @@ def get_lr(step, cfg, encoder=False):
     warmup_steps to that schedule."""
     if encoder and cfg["encoder_delay"]:
         s = step - cfg["encoder_delay"]
-        return 0.0 if s < 0 else get_lr(step, cfg) * min(1.0, (s + 1) / cfg["warmup_steps"])
+        if s < 0:
+            return 0.0
+        return get_lr(step, cfg) * min(1.0, (s + 1) / cfg["warmup_steps"])
     _, start, n = stage_of(step, cfg)
     s = step - start
     if s < cfg["warmup_steps"]:
@@ -395,328 +634,294 @@ def get_lr(step, cfg, encoder=False):
     )
 
 
+def set_lr(optimizer, step, cfg):
+    """Every parameter group's learning rate at `step`; returns the schedule's (not delayed)."""
+    for g in optimizer.param_groups:
+        g["lr"] = get_lr(step, cfg, encoder=g["encoder"])
+    return get_lr(step, cfg)
+
+
+def is_denoising_step(step, cfg):
+    """Every step of the denoising stage; in the supervised stage every denoise_every-th step
+    reconstructs Java instead."""
+    if stage_of(step, cfg)[0] == "denoise":
+        return True
+    every = cfg["denoise_every"]
+    return every > 0 and (step - cfg["denoise_steps"]) % every == every - 1
+
+
+def forward_backward(train_model, stream, noising, cfg, tok, env):
+    """The forward and backward passes of one optimizer step: grad_accum micro-batches drawn from
+    `stream`, their gradients accumulated. Returns the step's loss and the micro-batches'
+    (sources, targets)."""
+    step_loss = 0.0
+    drawn = []
+    for _micro in range(cfg["grad_accum"]):
+        src, tgt = next(stream)
+        drawn.append((src, tgt))
+        ids, mask, dec, y = collate(src, tgt, env.device)
+        if cfg["word_dropout"] and not noising:
+            # the labels stay; the decoder reads some of its inputs as <mask>
+            dec = denoise.word_dropout(dec, cfg["word_dropout"], tok.token_to_id("<mask>"))
+        loss = loss_fn(train_model, (ids, mask, dec, y), env.autocast) / cfg["grad_accum"]
+        loss.backward()
+        step_loss += loss.item()
+    return step_loss, drawn
+
+
+def add_flops(a, b):
+    return {c: {k: a[c][k] + b[c][k] for k in b[c]} for c in b}
+
+
+def step_compute(config, cfg, options, drawn, env):
+    """What a step ran: {tokens, flops_exact, flops_paper}, at the real (unpadded) lengths (the
+    compute the tokens need; flops.step_flops); under torchrun every rank's, summed (ranks'
+    batches differ in length)."""
+    tokens = 0
+    fl = None
+    for src, tgt in drawn:
+        label_lens = [len(labels(t)) for t in tgt]
+        src_lens = [len(s) for s in src]
+        micro = flops.step_flops(config, cfg["strategy"], src_lens, label_lens, **options)
+        fl = micro if fl is None else add_flops(fl, micro)
+        tokens += sum(label_lens)
+    done = torch.tensor([tokens, fl["exact"]["total"], fl["paper"]["total"]], dtype=torch.float64)
+    if env.ddp:
+        done = done.to(env.device)
+        torch.distributed.all_reduce(done)
+    return dict(tokens=int(done[0]), flops_exact=float(done[1]), flops_paper=float(done[2]))
+
+
+def add_to_totals(state, ran, noising):
+    """The loop's totals after a step: steps, denoising steps, tokens and FLOPs so far."""
+    state["step"] += 1
+    state["dn_steps"] += noising
+    for key in ran:
+        state[key] += ran[key]
+
+
+def print_nonfinite(state, loss, run):
+    last = os.path.join(run, "last.pt")
+    print(f"step {state['step']}: loss is {loss}; stopping. The last good checkpoint is {last}")
+
+
+def print_step(state, stage, loss, lr, dt, ran, peak, cfg, env):
+    """A progress line: the step's loss, learning rate, speed and MFU, and the compute so far."""
+    flop_rate = ran["flops_exact"] / dt
+    eta = (cfg["max_steps"] - state["step"]) * dt / 60
+    print(
+        f"step {state['step']:5d} | {stage} | loss {loss:.4f} | lr {lr:.2e} | "
+        f"{dt * 1e3:.0f} ms | {ran['tokens'] / dt:.0f} tok/s | {flop_rate / 1e12:.3f} TFLOP/s | "
+        f"MFU {flop_rate / (peak * env.world):.1%} | "
+        f"{state['flops_exact'] / 1e15:.4f} PF-s | "
+        f"eta <= {eta:.1f} min"
+    )
+
+
+# -----------------------------------------------------------------------------
+# validation, the checkpoints, the end
+
+
+def source_check(model, val, cfg, device, autocast, n_gain=128, n_spread=8):
+    """Does the model read its input (docs/source-gain.md)? val_loss: the mean validation loss
+    per target token with each pair's own source (EOS included; the early-stopping criterion). On
+    n_gain pairs taken evenly through the validation set also with the source of another focal
+    class and with an empty source: source_gain = exp(other - own) on those pairs, exactly 1.0
+    for a model that ignores its input. encoder_spread: the std across n_spread inputs of the
+    encoder's output states (first L positions, L the shortest), averaged over positions and
+    channels: it falls towards 0 as the encoder collapses (every input mapped to the same
+    states)."""
+    src, targets, partner = val
+    tgt = [labels(t) for t in targets]
+
+    def mean(nll):
+        return sum(s for s, _ in nll) / sum(n for _, n in nll)
+
+    # evenly through the class-ordered pairs
+    sub = list(range(len(src)))[:: max(1, len(src) // n_gain)][:n_gain]
+    size = 2 * cfg["batch_size"]
+    model.eval()
+    with autocast:
+        own = target_nll(model, src, tgt, size, device)
+        sub_src = [src[i] for i in sub]
+        sub_tgt = [tgt[i] for i in sub]
+        sub_other = [src[partner[i]] for i in sub]
+        sides = source_nll(model, sub_src, sub_tgt, sub_other, size, device)
+        ids, mask, _, _ = collate(src[:n_spread], targets[:n_spread], device)
+        states = model.encode(ids, mask)[:, : int(mask.sum(1).min())]
+        spread = states.float().std(dim=0).mean().item()
+    model.train()
+    return dict(
+        val_loss=mean(own),
+        val_loss_other_source=mean(sides[1]),
+        val_loss_empty_source=mean(sides[2]),
+        source_gain=math.exp(mean(sides[1]) - mean(sides[0])),
+        encoder_spread=spread,
+    )
+
+
+def validate(model, stage, state, d, run, train_loss, t0, cfg, env):
+    """Validation at the current step: source_check, a log line, the early-stopping state and
+    the best checkpoint (supervised stage only). In the denoising stage the loss is the
+    reconstruction of noised validation Java, and denoise_gain its source_gain with another
+    window's source (how much of it is copied)."""
+    check = source_check(model, d.val_pairs, cfg, env.device, env.autocast)
+    if stage == "denoise":
+        dn = source_check(model, d.dn_val, cfg, env.device, env.autocast)
+        check.update(
+            val_loss=dn["val_loss"],
+            denoise_gain=dn["source_gain"],
+            pairs_val_loss=check["val_loss"],
+        )
+    state["seconds"] = time.time() - t0
+    better = stage == "supervised" and check["val_loss"] < state["best_val"]
+    if better:
+        state.update(best_val=check["val_loss"], best_step=state["step"], bad_evals=0)
+    elif stage == "supervised":
+        state["bad_evals"] += 1
+    if env.master:
+        runs.log_evaluation(run, state, stage, train_loss, check, better)
+        if better:
+            runs.save_trainable(model, os.path.join(run, "best.safetensors"))
+
+
+def stop_reason(state, out_of_time, cfg):
+    """Why the loop stops after an evaluation: early stopping or the time limit; None: go on."""
+    if state["bad_evals"] >= cfg["patience"]:
+        return f"early stopping: no better validation loss in {cfg['patience']} evaluations"
+    if out_of_time:
+        return f"time limit of {cfg['max_minutes']} minutes"
+    return None
+
+
+def save_checkpoint(run, model, optimizer, state, streams, env):
+    """last.pt, the resume state, with the streams' places (a collective: every rank calls it)."""
+    for stream in streams.values():
+        stream.save(state)
+    runs.save_state(run, model, optimizer, state, env.device, env.ddp, env.world, env.master)
+
+
+def print_end(state, reason, cfg, t0):
+    if cfg["mode"] == "base" or state["best_step"]:
+        kept = f"step {state['best_step']}"
+    else:
+        kept = "the base itself: no step beat it"
+    print(
+        f"stopped at step {state['step']} ({reason}); best val loss {state['best_val']:.4f} "
+        f"({kept}); {state['flops_exact'] / 1e15:.4f} PF-s (exact), "
+        f"{state['flops_paper'] / 1e15:.4f} PF-s (paper); {time.time() - t0:.0f} s"
+    )
+
+
+def base_summary(d):
+    """The data sizes training.json records for a base."""
+    windows = d.windows or []
+    return dict(
+        training_pairs=len(d.train),
+        validation_pairs=len(d.val),
+        denoising_windows=len(windows),
+        denoising_tokens=sum(map(len, windows)),
+    )
+
+
+# -----------------------------------------------------------------------------
+
+
 def main(argv):
     cfg, given = parse_args(argv, settings)
-    if cfg["mode"] == "base":
-        runs.check_save_base(cfg["save_base"])  # now, not after hours of training
-    # what the base learned with, and its checksum (a resume onto another is refused)
-    if cfg["mode"] == "customize":
+    base = cfg["mode"] == "base"
+    if base:
+        # now, not after hours of training
+        runs.check_save_base(cfg["save_base"])
+    else:
+        # what the base learned with, and its checksum (a resume onto another is refused)
         cfg = runs.base_settings(cfg, given, FOREIGN_BASE)
     # torchrun: data parallel (base training)
-    ddp, rank, world, cuda, device, attn_impl = runs.resolve(cfg)
-    master = rank == 0
+    env = Env(*runs.resolve(cfg))
     # dropout masks differ across ranks; the data order is seeded apart
-    torch.manual_seed(cfg["seed"] + rank)
+    torch.manual_seed(cfg["seed"] + env.rank)
 
-    # data: records -> splits -> token ids, in the focal context the base reads
-    # (src_<focal_context>)
-    tok, key, base = (
-        load_tokenizer(cfg["tokenizer"]),
-        f"src_{cfg['focal_context']}",
-        cfg["mode"] == "base",
-    )
-    records = data.load_projects(
-        cfg["base_projects"].replace(",", " ").split() if base else [cfg["project"]]
-    )
-    lacking = next((r for r in records if key not in r), None)
-    if lacking is not None:
-        raise SystemExit(
-            f"record {lacking.get('id')!r} of {lacking.get('project')!r} has no {key!r}, the focal context "
-            f"the base reads ({cfg['focal_context']}): mine the corpus again with `python -m data.mine`"
-        )
-    # the run is bound to these records: a resume (or a scoring) on a rewritten corpus is refused by
-    # name
-    cfg["corpus_checksum"] = data.records_checksum(records)
-    # the base has no test fold: 5% of its test classes validate
-    train_r, val_r, test_r = (
-        (*data.holdout(records, seed=cfg["seed"]), [])
-        if base
-        else data.folds(records, cfg["fold"], cfg["k_folds"], cfg["seed"])
-    )
-    if not train_r or not val_r:
-        raise SystemExit(
-            f"the training or validation split of {'the base' if base else cfg['project']} (fold "
-            f"{cfg['fold']}) is empty: the project has too few test classes"
-        )
-    train_src, train_tgt, n_trunc = encode_pairs(
-        tok, train_r, cfg["max_src_len"], cfg["max_tgt_len"], src_key=key
-    )
-    val = (
-        *encode_pairs(tok, val_r, cfg["max_src_len"], cfg["max_tgt_len"], src_key=key)[:2],
-        data.other_class_partners(val_r),
-    )
-    # the streams of batches (noising or not): (pairs of an epoch, their epoch and batch counters in
-    # state, batch size)
-    streams = {False: (lambda epoch: (train_src, train_tgt), "epoch", "batch", cfg["batch_size"])}
-    # text: the training records' Java, never the val's
-    if denoising := cfg["denoise_steps"] or cfg["denoise_every"]:
-        noise = dict(ratio=cfg["mask_ratio"], poisson_lambda=cfg["poisson_lambda"])
-        width = cfg["denoise_window"] or min(cfg["max_src_len"], cfg["max_tgt_len"]) - 2
-        dn_windows, dn_val = denoise.stage(
-            tok,
-            train_r,
-            val_r,
-            cfg["focal_context"],
-            width,
-            cfg["seed"],
-            text=cfg["denoise_text"],
-            max_chars=cfg["denoise_chars"],
-            **noise,
-        )
-        # each epoch's noise on every window, seeded by the epoch: resumable
-        noised = functools.lru_cache(1)(
-            lambda epoch: denoise.noised_pairs(tok, dn_windows, cfg["seed"], epoch, **noise)
-        )
-        streams[True] = (
-            noised,
-            "dn_epoch",
-            "dn_batch",
-            cfg["denoise_batch_size"] or cfg["batch_size"],
-        )
-
+    # data: records -> splits -> token ids, and the streams of batches over them
+    tok = load_tokenizer(cfg["tokenizer"])
+    d = load_data(cfg, tok)
+    streams = make_streams(d, tok, cfg, env)
     # after the data: a bad input leaves no empty run folder
     run = runs.open_run(cfg["out_dir"], cfg["name"])
-    if master:
-        runs.lock_run(run)  # one writer per run folder
+    if env.master:
+        # one writer per run folder
+        runs.lock_run(run)
 
-    # model: from scratch (base) or the base checkpoint + a strategy (customize)
-    dtype = pick_dtype(cfg, cuda)
-    autocast = torch.autocast(
-        "cuda" if cuda else "cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"
-    )
-    peak = measure_peak(device, dtype)  # MFU's denominator: this machine, this dtype
-    if master:
-        why = (
-            "native on this machine"
-            if native_bf16(cuda)
-            else "emulated on this CPU: slower than fp32"
-        )
-        print(
-            f"dtype: {dtype}"
-            + (f" autocast, fp32 master weights ({why})" if dtype == "bf16" else "")
-            + f"; measured {dtype} matmul peak {peak / 1e12:.3f} TFLOP/s (2048^3)"
-        )
-    model = (
-        BART(
-            config_from_preset(cfg["preset"], vocab_size=tok.get_vocab_size(), attn_impl=attn_impl)
-        )
-        if base
-        else BART.from_pretrained(
-            cfg["base"], attn_impl=attn_impl, expect_vocab_size=tok.get_vocab_size()
-        )
-    )
-    if master and not base and model.config.attention_dropout != cfg["attention_dropout"]:
-        print(
-            f"attention_dropout: the checkpoint's {model.config.attention_dropout} replaced by this run's "
-            f"{cfg['attention_dropout']} (--attention_dropout)"
-        )
-    model.config.__dict__.update(dropout=cfg["dropout"], attention_dropout=cfg["attention_dropout"])
-    model.to(device)
-    options, init = strategy_options(cfg), {}
-    # paper §2.5: initialized from the project's most frequent tokens
-    if cfg["strategy"] == "prefix":
-        init["init_ids"] = strategies.most_frequent_ids(
-            train_src + train_tgt, cfg["prefix_len"], exclude=SPECIAL_IDS
-        )
-    strategies.apply(model, cfg["strategy"], **options, **init)
+    # the model and its optimizer, in the compute dtype
+    dtype = pick_dtype(cfg, env.cuda)
+    env.autocast = autocast_of(dtype, env.cuda)
+    # MFU's denominator: this machine, this dtype
+    peak = measure_peak(env.device, dtype)
+    if env.master:
+        print_dtype(dtype, peak, env.cuda)
+    options = strategy_options(cfg)
+    model = build_model(cfg, tok, options, d, env)
     params = strategies.trainable_parameters(model)
-    # AdamW; weight decay on matrices only: not on biases, LayerNorms, embeddings or prefixes
-    # (named_parameters lists the tied embedding once, as model.shared.weight); the encoder's
-    # tensors in groups of their own (encoder_delay)
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    optimizer = build_optimizer(model, cfg, env.cuda)
+    train_model = data_parallel(model, env)
 
-    def decays(n, p):
-        return p.dim() >= 2 and not ("shared" in n or "embed" in n or n.startswith("prefix"))
+    # resume: last.pt holds the trainable tensors, optimizer, step, the streams' places, RNG and
+    # early-stopping state; a fresh start if there is no last.pt
+    state = runs.resume(run, cfg, RESUMABLE, model, optimizer, env.rank, env.world, env.device)
+    for stream in streams.values():
+        stream.restore(state)
+    if env.master:
+        write_config(run, cfg, options, model, d, dtype, env)
 
-    groups = [
-        {
-            "params": [
-                p for n, p in named if decays(n, p) == d and n.startswith("model.encoder.") == e
-            ],
-            "weight_decay": cfg["weight_decay"] if d else 0.0,
-            "encoder": e,
-        }
-        for d in (True, False)
-        for e in (True, False)
-    ]
-    optimizer = torch.optim.AdamW(
-        [g for g in groups if g["params"]],
-        lr=cfg["lr"],
-        betas=(0.9, cfg["beta2"]),
-        **({"fused": True} if cuda else {"foreach": True}),
-    )
-    train_model = (
-        DistributedDataParallel(model, device_ids=[device] if cuda else None) if ddp else model
-    )
-
-    # resume: last.pt holds the trainable tensors, optimizer, step, data position, RNG and
-    # early-stopping state a fresh start if no last.pt
-    state = runs.resume(run, cfg, RESUMABLE, model, optimizer, rank, world, device)
-    if master:
-        runs.write_config(
-            run,
-            {
-                **cfg,
-                "strategy_options": options,
-                "corpus": cfg["project"],
-                "resolved": dict(device=device, attn_impl=attn_impl, dtype=dtype),
-                "trainable_parameters": sum(p.numel() for p in params),
-                "total_parameters": model.num_parameters(),
-                "truncated_training_pairs": n_trunc,
-                "splits": dict(train=len(train_r), val=len(val_r), test=len(test_r)),
-            },
-            f"; denoising: {len(dn_windows)} windows of <= {width} tokens" if denoising else "",
-        )
-
-    # on every rank
-    def checkpoint():
-        return runs.save_state(run, model, optimizer, state, device, ddp, world, master)
-
-    def validate(stage):
-        """Validation at the current step: a log line, the best checkpoint (supervised stage),
-        the resume state."""
-        check = source_check(model, val, cfg, device, autocast)
-        # the loss is the reconstruction of noised validation Java; denoise_gain: with another
-        if stage == "denoise":
-            # window's source (how much of it is copied)
-            dn = source_check(model, dn_val, cfg, device, autocast)
-            check.update(
-                val_loss=dn["val_loss"],
-                denoise_gain=dn["source_gain"],
-                pairs_val_loss=check["val_loss"],
-            )
-        state["seconds"] = time.time() - t0
-        if better := stage == "supervised" and check["val_loss"] < state["best_val"]:
-            state.update(best_val=check["val_loss"], best_step=state["step"], bad_evals=0)
-        state["bad_evals"] += stage == "supervised" and not better
-        if master:
-            runs.log_evaluation(run, state, stage, train_loss, check, better)
-            if better:
-                runs.save_trainable(model, os.path.join(run, "best.safetensors"))
-        checkpoint()
-
-    t0, t_step = time.time() - state["seconds"], time.time()
-    train_loss, reason = float("nan"), state.get("done") or "max_steps"
-    if state["best_step"] < 0 and not state.get("done") and not base:  # (not again on resume)
-        # step 0: the base itself is a candidate; a customization that only hurts keeps it
-        validate("supervised")
+    t0 = time.time() - state["seconds"]
+    t_step = time.time()
+    train_loss = float("nan")
+    reason = state.get("done") or "max_steps"
+    # step 0 (not on resume): the base is a candidate; a customization that only hurts keeps it
+    if state["best_step"] < 0 and not state.get("done") and not base:
+        validate(model, "supervised", state, d, run, train_loss, t0, cfg, env)
+        save_checkpoint(run, model, optimizer, state, streams, env)
     model.train()
     while state["step"] < cfg["max_steps"] and not state.get("done"):
         stage = stage_of(state["step"], cfg)[0]
-        lr = get_lr(state["step"], cfg)
-        for g in optimizer.param_groups:
-            g["lr"] = get_lr(state["step"], cfg, encoder=g["encoder"])
-        step_loss, step_fl, step_tokens = 0.0, None, 0
-        # in the supervised stage: every k-th step reconstructs Java instead
-        every = cfg["denoise_every"]
-        noising = stage == "denoise" or (
-            every > 0 and (state["step"] - cfg["denoise_steps"]) % every == every - 1
-        )
-        for _micro in range(cfg["grad_accum"]):
-            pairs, ek, bk, size = streams[noising]
-            S, T = pairs(state[ek])
-            plan = batches(
-                [len(s) + len(t) for s, t in zip(S, T)], size * world, cfg["seed"], state[ek]
-            )
-            # this rank's share; the stream moves on to its next batch or epoch
-            idx = plan[state[bk]][rank::world]
-            state[ek], state[bk] = (
-                (state[ek], state[bk] + 1) if state[bk] + 1 < len(plan) else (state[ek] + 1, 0)
-            )
-            src, tgt = [S[i] for i in idx], [T[i] for i in idx]
-            batch = collate(src, tgt, device)
-            # the labels stay; the decoder reads some of its inputs as <mask>
-            if cfg["word_dropout"] and not noising:
-                batch = (
-                    *batch[:2],
-                    denoise.word_dropout(batch[2], cfg["word_dropout"], tok.token_to_id("<mask>")),
-                    batch[3],
-                )
-            loss = loss_fn(train_model, batch, autocast) / cfg["grad_accum"]
-            loss.backward()
-            step_loss += loss.item()
-            fl = flops.step_flops(
-                model.config,
-                cfg["strategy"],
-                [len(s) for s in src],
-                [len(t) - 1 for t in tgt],
-                **options,
-            )  # real (unpadded) lengths: the compute the tokens need
-            step_fl = (
-                fl
-                if step_fl is None
-                else {c: {k: step_fl[c][k] + fl[c][k] for k in fl[c]} for c in fl}
-            )
-            step_tokens += sum(len(t) - 1 for t in tgt)
-        if not math.isfinite(step_loss):
-            print(
-                f"step {state['step']}: loss is {step_loss}; stopping. The last good checkpoint is "
-                f"{os.path.join(run, 'last.pt')}"
-            )
+        lr = set_lr(optimizer, state["step"], cfg)
+        noising = is_denoising_step(state["step"], cfg)
+        stream = streams["denoise"] if noising else streams["pairs"]
+        loss, drawn = forward_backward(train_model, stream, noising, cfg, tok, env)
+        if not math.isfinite(loss):
+            print_nonfinite(state, loss, run)
             reason = "non-finite loss"
             break
         torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"])
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        done = torch.tensor(
-            [step_tokens, step_fl["exact"]["total"], step_fl["paper"]["total"]], dtype=torch.float64
-        )
-        if ddp:  # what every rank ran, summed (ranks' batches differ in length)
-            torch.distributed.all_reduce(done := done.to(device))
-        ran = dict(
-            step=1,
-            dn_steps=noising,
-            tokens=int(done[0]),
-            flops_exact=float(done[1]),
-            flops_paper=float(done[2]),
-        )
-        state.update({k: state[k] + v for k, v in ran.items()})  # the totals so far
-        train_loss = step_loss
-        dt, t_step = time.time() - t_step, time.time()
-        if master and (state["step"] % 5 == 0 or state["step"] == 1):
-            print(
-                f"step {state['step']:5d} | {'denoise' if noising else stage} | loss {step_loss:.4f} | lr {lr:.2e} | "
-                f"{dt * 1e3:.0f} ms | {float(done[0]) / dt:.0f} tok/s | {float(done[1]) / dt / 1e12:.3f} TFLOP/s | "
-                f"MFU {float(done[1]) / dt / (peak * world):.1%} | "
-                f"{state['flops_exact'] / 1e15:.4f} PF-s | "
-                f"eta <= {(cfg['max_steps'] - state['step']) * dt / 60:.1f} min"
-            )
+        ran = step_compute(model.config, cfg, options, drawn, env)
+        add_to_totals(state, ran, noising)
+        train_loss = loss
+        dt = time.time() - t_step
+        t_step = time.time()
+        if env.master and (state["step"] % 5 == 0 or state["step"] == 1):
+            shown = "denoise" if noising else stage
+            print_step(state, shown, loss, lr, dt, ran, peak, cfg, env)
         out_of_time = cfg["max_minutes"] > 0 and time.time() - t0 > cfg["max_minutes"] * 60
         stage_end = state["step"] in (cfg["denoise_steps"], cfg["max_steps"])
         if state["step"] % cfg["eval_interval"] == 0 or stage_end or out_of_time:
-            validate(stage)
-            if state["bad_evals"] >= cfg["patience"]:
-                reason = (
-                    f"early stopping: no better validation loss in {cfg['patience']} evaluations"
-                )
+            validate(model, stage, state, d, run, train_loss, t0, cfg, env)
+            save_checkpoint(run, model, optimizer, state, streams, env)
+            stop = stop_reason(state, out_of_time, cfg)
+            if stop:
+                reason = stop
                 break
-            if out_of_time:
-                reason = f"time limit of {cfg['max_minutes']} minutes"
-                break
-            t_step = time.time()  # the evaluation's time is not the next step's
+            # the evaluation's time is not the next step's
+            t_step = time.time()
+
     # the best checkpoint restored: the model kept is the one at the best loss
     runs.finish(run, model, state, reason)
-    checkpoint()
-    if master:
-        kept = (
-            f"step {state['best_step']}"
-            if base or state["best_step"]
-            else "the base itself: no step beat it"
-        )
-        print(
-            f"stopped at step {state['step']} ({reason}); best val loss {state['best_val']:.4f} ({kept}); "
-            f"{state['flops_exact'] / 1e15:.4f} PF-s (exact), {state['flops_paper'] / 1e15:.4f} PF-s (paper); "
-            f"{time.time() - t0:.0f} s"
-        )
+    save_checkpoint(run, model, optimizer, state, streams, env)
+    if env.master:
+        print_end(state, reason, cfg, t0)
         if base:
-            summary = dict(
-                training_pairs=len(train_r),
-                validation_pairs=len(val_r),
-                denoising_windows=len(dn_windows) if denoising else 0,
-                denoising_tokens=sum(map(len, dn_windows)) if denoising else 0,
-            )
-            runs.save_base(model, {**cfg, "dtype": dtype}, run, state, summary)
-    if ddp:
+            runs.save_base(model, {**cfg, "dtype": dtype}, run, state, base_summary(d))
+    if env.ddp:
         torch.distributed.destroy_process_group()
     return model
 

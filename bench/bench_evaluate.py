@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import torch
 
 import evaluate as ev
+import losses
 from data import load_project, load_projects, DEFAULT_BASE
 from data.tokenizer import encode_pairs, load_tokenizer, train_tokenizer, corpus_texts
 from model import BART, config_from_preset
@@ -74,7 +75,7 @@ def main():
     src, tgt, n_trunc = encode_pairs(tok, records, a.max_src_len, a.max_new_tokens)
     tgt = [t[1:] for t in tgt]  # the labels t1..tn </s>, as evaluate.score_run
     lap("encode (tokenizer)")
-    nll = ev.target_nll(model, src, tgt, a.batch_size)
+    nll = losses.target_nll(model, src, tgt, a.batch_size)
     lap("perplexity (teacher-forced forward)")
     beams = ev.beam_search(model, src, min(5, a.beams), a.beams, a.max_new_tokens, a.batch_size)
     lap("beam search (model.generate)")

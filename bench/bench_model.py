@@ -6,7 +6,7 @@ make bench        # or: PYTHONPATH=. .venv/bin/python bench/bench_model.py [--pr
 
 CPU, `tiny` preset, fp32, both models in train mode (dropout 0.1) on the same weights and the same batch:
   1. one training step = forward + backward + AdamW step, batch 16, ragged sources of 64..256 tokens, targets of
-     128 (and ragged 32..128), ours as train.py runs it (train.loss_fn: the output layer on real target positions
+     128 (and ragged 32..128), ours as train.py runs it (losses.loss_fn: the output layer on real target positions
      only; AdamW foreach) against HF (BartForConditionalGeneration(labels=...).loss, torch.optim.AdamW defaults);
      optionally (--compile) ours under torch.compile, its compile time beside;
   2. where our step's time goes (torch.profiler, grouped: GEMMs, attention, softmax + cross-entropy over the
@@ -31,7 +31,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import train  # noqa: E402
+import losses  # noqa: E402
+from data.batch import collate  # noqa: E402
 from model import BART, config_from_preset  # noqa: E402
 
 GROUPS = {
@@ -70,7 +71,7 @@ def time_pair(ours, ref, reps):
 
 def batch(cfg, B, S, T, ragged_tgt, g):
     """Right-padded sources of S/4..S tokens and targets of T (or T/4..T) tokens, as
-    train.collate lays them out."""
+    data.batch.collate lays them out."""
     src = [
         [0] + torch.randint(4, cfg.vocab_size, (int(n) - 2,), generator=g).tolist() + [2]
         for n in torch.randint(S // 4, S + 1, (B,), generator=g)
@@ -80,7 +81,7 @@ def batch(cfg, B, S, T, ragged_tgt, g):
     tgt = [
         [0] + torch.randint(4, cfg.vocab_size, (int(n),), generator=g).tolist() + [2] for n in lens
     ]
-    return train.collate(src, tgt, "cpu")
+    return collate(src, tgt, "cpu")
 
 
 def profile(step):
@@ -192,7 +193,7 @@ def main():
         pad = 1 - (mask.sum() + (labels != -100).sum()).item() / (mask.numel() + labels.numel())
 
         def step_ours(model=ours):
-            train.loss_fn(model, b, no_autocast).backward()
+            losses.loss_fn(model, b, no_autocast).backward()
             opt_ours.step(), opt_ours.zero_grad(set_to_none=True)
 
         def step_hf():

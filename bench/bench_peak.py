@@ -23,7 +23,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import flops  # noqa: E402
 import strategies  # noqa: E402
+import losses  # noqa: E402
 import train  # noqa: E402
+from data.batch import collate  # noqa: E402
 from model import BART, config_from_preset  # noqa: E402
 
 
@@ -56,11 +58,11 @@ def step_rate(preset, dtype, steps, batch=16, length=128):
     step_flops = flops.step_flops(
         config, "custom", [len(s) for s in src], [len(t) - 1 for t in tgt]
     )
-    batch_tensors = train.collate(src, tgt, "cpu")
+    batch_tensors = collate(src, tgt, "cpu")
     times = []
     for i in range(steps + 2):
         t = time.perf_counter()
-        loss = train.loss_fn(model, batch_tensors, autocast)
+        loss = losses.loss_fn(model, batch_tensors, autocast)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()

@@ -1,8 +1,9 @@
 """data/: real Java projects -> methods2test-style focal-method/test-case pairs -> corpus,
 tokenizer, folds (§3.1).
 
-    make data                          # fetch + mine every project of data/projects.tsv (python -m data.fetch)
-    make data PROJECT=/path/to/repo    # mine your own checkout -> data/cache/corpus/<folder name>.jsonl
+    make data                        # fetch + mine every project of data/projects.tsv
+                                     # (python -m data.fetch)
+    make data PROJECT=/path/to/repo  # mine your own checkout -> data/cache/corpus/<folder>.jsonl
 
 Files: projects.tsv (the pinned Debian source packages), fetch.py (apt/git/local fetch + mining
 driver), java.py (tree-sitter parsing, methods2test's TestParser), mine.py (the mapping rules and
@@ -12,15 +13,18 @@ folds). Generated files live in the git-ignored data/cache/: src/<name>/ (unpack
 corpus/<name>.jsonl (records), tokenizer.json.
 
 Public API for train.py / evaluate.py:
-    load_project(name_or_path) -> list[dict]      # records of one project (a name, a .jsonl, or a checkout path)
-    load_projects(names) -> list[dict]            # several, concatenated in the given order
+    load_project(name_or_path) -> list[dict]  # records of one project (a name, a .jsonl, or a
+                                              # checkout path)
+    load_projects(names) -> list[dict]        # several, concatenated in the given order
     folds(records, fold, k=4, seed=0, val_fraction=0.1) -> (train, val, test)
-    read_projects() -> list[dict]                 # rows of projects.tsv (name, debian_source, version, ..., role)
-    DEFAULT_TARGET, DEFAULT_BASE, TARGETS         # the `make train` defaults and the target list
+    read_projects() -> list[dict]             # rows of projects.tsv (name, debian_source,
+                                              # version, ..., role)
+    DEFAULT_TARGET, DEFAULT_BASE, TARGETS     # the `make train` defaults and the target list
     data.tokenizer.load_tokenizer(path), data.tokenizer.encode_pairs(tok, records, max_src, max_tgt)
-    data.methods2test.read_methods2test(path)     # records from the published dataset/corpus JSON
-A record (../docs/design.md): id, project, src (= src_fm_fc_ms_ff), tgt, src_fm ... src_fm_fc_ms_ff, and methods2test's
-focal_class, focal_method, test_class, test_case, repository.
+    data.methods2test.read_methods2test(path) # records from the published dataset/corpus JSON
+    data.batch: padding, the target convention, the batches of training and of scoring
+A record (../docs/design.md): id, project, src (= src_fm_fc_ms_ff), tgt, src_fm ... src_fm_fc_ms_ff,
+and methods2test's focal_class, focal_method, test_class, test_case, repository.
 """
 
 import hashlib
@@ -63,16 +67,17 @@ def read_projects(path=PROJECTS_TSV):
     """The pinned list as dicts (name, debian_source, version, git_url, git_tag, role), in file
     order."""
     lines = [l for l in Path(path).read_text().splitlines() if l.strip() and not l.startswith("#")]
-    header, rows = lines[0].split("\t"), [l.split("\t") for l in lines[1:]]
+    header = lines[0].split("\t")
+    rows = [l.split("\t") for l in lines[1:]]
     return [dict(zip(header, r + [""] * (len(header) - len(r)))) for r in rows]
 
 
 # `make train` defaults (the Makefile repeats them as PROJECT / BASE_PROJECTS). The target: Apache
 # Commons IO, 524 pairs in 78 mapped test classes, the spec's worked example. The base: every base
-# project of projects.tsv, 33 projects and 20,933 pairs (fetched and mined in under 2 minutes on 2
-# cores); fewer base projects make a base that reads its input less on projects it has not seen
-# (README, "The base model": runs E and H). A subset is one variable away (BASE_PROJECTS="grpc-java
-# log4j2" in the Makefile, --base_projects for train.py, --projects for data.tokenizer).
+# project of projects.tsv, 33 projects and 20,933 pairs; fewer base projects make a base that reads
+# its input less on projects it has not seen (README, "The base model": runs E and H). A subset is
+# one variable away (BASE_PROJECTS="grpc-java log4j2" in the Makefile, --base_projects for
+# train.py, --projects for data.tokenizer).
 # methods2test's levels: record["src_" + level]
 FOCAL_CONTEXTS = ("fm", "fm_fc", "fm_fc_co", "fm_fc_ms", "fm_fc_ms_ff")
 DEFAULT_TARGET = "commons-io"
@@ -130,8 +135,10 @@ def read_jsonl(path):
     and the line."""
     rows = []
     for n, raw in enumerate(Path(path).read_bytes().splitlines(), 1):
+        if not raw.strip():
+            continue
         try:
-            rows += [json.loads(raw.decode("utf-8"))] if raw.strip() else []
+            rows.append(json.loads(raw.decode("utf-8")))
         # the first: not UTF-8 text; the second: not JSON
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ValueError(f"{path}:{n}: not a UTF-8 JSON line ({e})") from None
@@ -203,6 +210,20 @@ def _h(seed, key):
     return hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()
 
 
+def _test_class(r):
+    """The test class of a record, the unit that folds and the holdout keep whole."""
+    return f"{r['project']}:{r['test_class']['file']}:{r['test_class']['identifier']}"
+
+
+def _class_sizes(records):
+    """{test class: its number of records}, in the order the classes first appear."""
+    sizes = {}
+    for r in records:
+        g = _test_class(r)
+        sizes[g] = sizes.get(g, 0) + 1
+    return sizes
+
+
 def folds(records, fold, k=4, seed=0, val_fraction=0.1):
     """(train, val, test) for fold `fold` of k, with whole test classes kept together.
 
@@ -212,21 +233,15 @@ def folds(records, fold, k=4, seed=0, val_fraction=0.1):
     split keeps the order of `records`."""
     if not 0 <= fold < k:
         raise ValueError(f"fold must be in 0..{k - 1}, got {fold}")
-
-    def group(r):
-        return f"{r['project']}:{r['test_class']['file']}:{r['test_class']['identifier']}"
-
-    sizes = {}
-    for r in records:
-        g = group(r)
-        sizes[g] = sizes.get(g, 0) + 1
+    sizes = _class_sizes(records)
     if len(sizes) < k + 1:
         raise ValueError(
             f"too few records for {k} folds plus validation: {len(records)} records in {len(sizes)} "
             f"test classes; need at least {k + 1} test classes"
         )
     order = sorted(sizes, key=lambda g: _h(seed, g))
-    load, fold_of = [0] * k, {}
+    load = [0] * k
+    fold_of = {}
     for g in order:
         f = min(range(k), key=lambda i: (load[i], i))
         fold_of[g] = f
@@ -237,7 +252,8 @@ def folds(records, fold, k=4, seed=0, val_fraction=0.1):
             f"too few test classes ({len(sizes)}) to leave both training and validation classes"
         )
     budget = max(1, round(val_fraction * sum(sizes[g] for g in train_groups)))
-    val_groups, n = set(), 0
+    val_groups = set()
+    n = 0
     for g in sorted(train_groups, key=lambda g: _h(f"val{seed}", g)):
         # skip classes that would overshoot: val stays close to its share
         if n + sizes[g] <= budget:
@@ -246,12 +262,15 @@ def folds(records, fold, k=4, seed=0, val_fraction=0.1):
     if not val_groups:  # every class is bigger than the budget: take the smallest one
         val_groups.add(min(train_groups, key=lambda g: (sizes[g], _h(seed, g))))
 
-    def split(r):
-        return "test" if fold_of[group(r)] == fold else "val" if group(r) in val_groups else "train"
-
     out = {"train": [], "val": [], "test": []}
     for r in records:
-        out[split(r)].append(r)
+        g = _test_class(r)
+        if fold_of[g] == fold:
+            out["test"].append(r)
+        elif g in val_groups:
+            out["val"].append(r)
+        else:
+            out["train"].append(r)
     return out["train"], out["val"], out["test"]
 
 
@@ -259,25 +278,23 @@ def holdout(records, fraction=0.05, seed=0, max_pairs=300):
     """(train, val) for the base: about `fraction` of the records, at most about `max_pairs` of
     them, held out for validation, whole test classes, chosen in a seeded hash order (the base
     has no test fold: its projects are never scored). The cap: every evaluation scores the whole
-    validation set, 23 s per evaluation on 2 cores for the 1,049 pairs of 5% of all 33 base
-    projects, 5 minutes of a 1,400-step run; 300 pairs are some 30,000 target tokens."""
-
-    def group(r):
-        return f"{r['project']}:{r['test_class']['file']}:{r['test_class']['identifier']}"
-
-    sizes = {}
-    for r in records:
-        sizes[group(r)] = sizes.get(group(r), 0) + 1
+    validation set (5% of all 33 base projects would be 1,049 pairs); 300 pairs are some 30,000
+    target tokens."""
+    sizes = _class_sizes(records)
     if len(sizes) < 2:
         raise ValueError(
-            f"the base corpus has {len(sizes)} test class(es); it needs two to hold one out for validation"
+            f"the base corpus has {len(sizes)} test class(es); it needs two to hold one out for "
+            "validation"
         )
-    held, n = set(), 0
+    held = set()
+    n = 0
     for g in sorted(sizes, key=lambda g: _h(f"holdout{seed}", g)):
         if n < min(fraction * len(records), max_pairs) and len(held) < len(sizes) - 1:
             held.add(g)
             n += sizes[g]
-    return [r for r in records if group(r) not in held], [r for r in records if group(r) in held]
+    train = [r for r in records if _test_class(r) not in held]
+    val = [r for r in records if _test_class(r) in held]
+    return train, val
 
 
 def other_class_partners(records):
@@ -310,11 +327,11 @@ def other_class_partners(records):
         # one class: other projects
         pool = members if len({keys[i] for i in members}) > 1 else range(len(records))
         order = sorted(pool, key=lambda i: (_h(0, keys[i]), i))
-        pos, n = {i: p for p, i in enumerate(order)}, len(order)
+        pos = {i: p for p, i in enumerate(order)}
+        n = len(order)
         for i in members:
-            partner[i] = next(
-                order[(pos.get(i, 0) + n // 2 + s) % n]
-                for s in range(n)
-                if keys[order[(pos.get(i, 0) + n // 2 + s) % n]] != keys[i]
-            )
+            # half-way round from i, then forward past i's own class
+            halfway = pos.get(i, 0) + n // 2
+            ring = (order[(halfway + s) % n] for s in range(n))
+            partner[i] = next(j for j in ring if keys[j] != keys[i])
     return partner

@@ -19,8 +19,10 @@ from sklearn.metrics.pairwise import cosine_similarity
 import abstract_java
 import data
 import evaluate as ev
+import losses
 import runs
 import serve
+from data.batch import pad
 from model import BART, BARTConfig
 
 transformers = pytest.importorskip("transformers")
@@ -71,11 +73,11 @@ def test_perplexity_is_exp_of_hf_loss(tmp_path, impl):
         return torch.randint(3, 300, (n,), generator=g).tolist() + [2]
 
     src, tgt = [rand(n) for n in (9, 4, 12, 6, 1)], [rand(n) for n in (5, 11, 2, 7, 3)]
-    ppl, ppl_mean = ev.perplexity(*zip(*ev.target_nll(ours, src, tgt, batch_size=2)))
+    ppl, ppl_mean = ev.perplexity(*zip(*losses.target_nll(ours, src, tgt, batch_size=2)))
 
     def hf_loss(s, t):  # right-padded batch, labels -100 at pads; HF shifts labels right itself
-        ids, mask = ev.pad(s)
-        labels = ev.pad(t)[0].masked_fill(ev.pad(t)[1] == 0, -100)
+        ids, mask = pad(s)
+        labels = pad(t)[0].masked_fill(pad(t)[1] == 0, -100)
         with torch.no_grad():
             return float(hf(input_ids=ids, attention_mask=mask, labels=labels).loss)
 
@@ -110,7 +112,7 @@ def test_source_gain_high_on_a_copy_task_and_exactly_one_without_cross_attention
 
     def gain(b):
         return (lambda own, oth, _: ev.perplexity(*zip(*oth))[0] / ev.perplexity(*zip(*own))[0])(
-            *ev.source_nll(model, src, tgt, other, batch_size=b)
+            *losses.source_nll(model, src, tgt, other, batch_size=b)
         )
 
     assert gain(8) > 100, "a model that copies its source loses nearly everything with another one"

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import evaluate
+import losses
 import runs
-import train
 from data import denoise, mine
+from data.batch import collate
 from data.tokenizer import encode_pairs, load_tokenizer
 from model import BART, PRESETS, config_from_preset
 
@@ -86,7 +86,7 @@ def test_reads_its_input_on_java_it_never_saw(tmp_path):
     ]
     model = BART.from_pretrained(SHIPPED)
     targets = [t[1:] for t in tgt]
-    nll = evaluate.source_nll(model, src, targets, [src[j] for j in other], 8, "cpu")
+    nll = losses.source_nll(model, src, targets, [src[j] for j in other], 8, "cpu")
     own = sum(s for s, _ in nll[0]) / sum(n for _, n in nll[0])
     swapped = sum(s for s, _ in nll[1]) / sum(n for _, n in nll[1])
     assert len(records) >= 8 and torch.tensor(swapped - own).exp() > 1.2
@@ -99,9 +99,9 @@ def test_bf16_autocast_loss_is_the_fp32_loss_to_bf16_precision():
     model = BART(config_from_preset("tiny", vocab_size=512, dropout=0.0)).eval()
     src = [[0] + torch.randint(4, 512, (n,)).tolist() + [2] for n in (17, 40, 63)]
     tgt = [[0] + torch.randint(4, 512, (n,)).tolist() + [2] for n in (9, 33, 50)]
-    batch = train.collate(src, tgt, "cpu")
-    fp32 = train.loss_fn(model, batch, torch.autocast("cpu", enabled=False)).item()
-    bf16 = train.loss_fn(model, batch, torch.autocast("cpu", dtype=torch.bfloat16)).item()
+    batch = collate(src, tgt, "cpu")
+    fp32 = losses.loss_fn(model, batch, torch.autocast("cpu", enabled=False)).item()
+    bf16 = losses.loss_fn(model, batch, torch.autocast("cpu", dtype=torch.bfloat16)).item()
     assert bf16 != fp32 and abs(bf16 - fp32) / fp32 < 1e-2
 
 

@@ -12,7 +12,9 @@ from safetensors.torch import load_file
 import runs
 import strategies
 import train
+from data.batch import collate
 from data.tokenizer import SPECIAL_IDS
+from losses import loss_fn
 from model import BART
 
 # fixtures are requested by name
@@ -40,11 +42,11 @@ def test_overfit_one_batch(workspace, pretrained, name):
     )
     strategies.apply(model, name, **options, **init)
     opt = torch.optim.AdamW(strategies.trainable_parameters(model), lr=OVERFIT_LR[name])
-    batch = train.collate(src, tgt, "cpu")
+    batch = collate(src, tgt, "cpu")
     model.train()
     losses = []
     for _ in range(300):
-        loss = train.loss_fn(model, batch, NO_AUTOCAST)
+        loss = loss_fn(model, batch, NO_AUTOCAST)
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -59,7 +61,7 @@ def test_overfit_one_batch(workspace, pretrained, name):
 def test_collate_targets_follow_fairseq_translation():
     """Decoder input is </s> t1..tn, labels t1..tn </s> (the <s> of the encoding dropped), pads
     ignored."""
-    ids, mask, dec, labels = train.collate(
+    ids, mask, dec, labels = collate(
         [[0, 7, 2], [0, 5, 6, 9, 2]], [[0, 11, 12, 2], [0, 13, 2]], "cpu"
     )
     assert ids.tolist() == [[0, 7, 2, 1, 1], [0, 5, 6, 9, 2]] and mask.tolist() == [

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 import data
 import runs
 import train
+from data.batch import bucketed_batches
 from data.tokenizer import encode_pairs, load_tokenizer, train_tokenizer
 from model import BART
 from train_fixtures import ROOT, args, records, workspace  # noqa: F401 (fixtures)
@@ -332,7 +333,7 @@ def test_torchrun_data_parallel_on_cpu(workspace):
     )
     lengths, want, epoch, b = [len(s) + len(t) for s, t in zip(src, tgt)], 0, 0, 0
     for _step in range(4):
-        plan = train.batches(lengths, 2 * cfg["batch_size"], cfg["seed"], epoch)
+        plan = bucketed_batches(lengths, 2 * cfg["batch_size"], cfg["seed"], epoch)
         want += sum(len(tgt[i]) - 1 for i in plan[b])
         b = b + 1 if b + 1 < len(plan) else 0
         epoch += b == 0

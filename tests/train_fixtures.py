@@ -9,8 +9,9 @@ import pytest
 import torch
 
 import data
-import train
+from data.batch import collate
 from data.tokenizer import train_tokenizer
+from losses import loss_fn
 from model import BART, BARTConfig, config_from_preset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -99,8 +100,8 @@ def pretrained(workspace):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     for _ in range(80):
         idx = torch.randint(0, len(recs), (8,)).tolist()
-        train.loss_fn(
-            model, train.collate([src[i] for i in idx], [tgt[i] for i in idx], "cpu"), NO_AUTOCAST
+        loss_fn(
+            model, collate([src[i] for i in idx], [tgt[i] for i in idx], "cpu"), NO_AUTOCAST
         ).backward()
         opt.step()
         opt.zero_grad()

@@ -123,7 +123,7 @@ def short_settings(work, **over):
 
 
 def kill_after_checkpoint(repo, argv, run_dir, log):
-    """Start a run, kill -9 it once last.pt exists and a step past it is logged, then rerun it."""
+    """Start a run, kill -9 it once it has logged three evaluations, then rerun it."""
     env = dict(os.environ, PYTHONPATH=str(repo), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     proc = subprocess.Popen(
         [sys.executable, *argv],
@@ -134,7 +134,9 @@ def kill_after_checkpoint(repo, argv, run_dir, log):
     )
     deadline = time.time() + 300
     while proc.poll() is None and time.time() < deadline:
-        if (run_dir / "last.pt").exists():
+        # past its second evaluation: a checkpoint after some steps, so the rerun resumes mid-run
+        log = run_dir / "log.jsonl"
+        if log.exists() and len(log.read_text().splitlines()) >= 3:
             os.kill(proc.pid, signal.SIGKILL)
             break
         time.sleep(0.05)
