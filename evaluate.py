@@ -53,6 +53,8 @@ from data.tokenizer import EOS, encode_pairs, load_tokenizer
 from losses import source_nll
 
 K = 5  # top-k of Figure 3a
+# execute.py's figures in metrics.json (after `make execute`), reported where every run has them
+EXECUTION = ("compile@5", "pass@5", "focal_covered@5")
 MODELS = ("base", "customized")
 # Table 3, "Average" row
 PAPER_T3 = {
@@ -326,10 +328,28 @@ def score_run(
         rows = score_both(run, cfg, test, decoding, batch_size, device)
     metrics = {name: model_metrics(rows, name, k) for name in MODELS}
     lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    keep_execution(run, lines, metrics)
     data.atomic_write(run / "predictions.jsonl", lines)
     data.atomic_write(run / "metrics.json", json.dumps({**metrics, "decoding": decoding}, indent=1))
     print_summary(run, cfg, metrics, k)
     return metrics
+
+
+def keep_execution(run, lines, metrics):
+    """The execution figures of run/execution.json (execute.py) added to `metrics` when they were
+    measured on these very predictions; when the predictions changed, the file is stale and is
+    removed (run `make execute` again)."""
+    path = run / "execution.json"
+    if not path.is_file():
+        return
+    old = run / "predictions.jsonl"
+    if old.is_file() and old.read_text(encoding="utf-8") == lines:
+        import execute
+
+        execute.add_figures(metrics, json.loads(path.read_text())["summary"])
+        return
+    path.unlink()
+    print(f"{path} removed: it was measured on other predictions; run make execute RUN={run}")
 
 
 def md_row(cells):
@@ -354,7 +374,14 @@ def print_summary(run, cfg, metrics, k):
     cols = ("exact@1", f"exact@{k}", "abstracted@1", f"abstracted@{k}")
     header = [run.name, "BLEU-4", "perplexity", *cols, "unfinished@1", "source_gain"]
     header += ["ppl other / empty source", "trainable", "PF-s"]
-    print("\n" + md_row(header) + "\n" + "|---" * 12 + "|")
+    # execute.py's figures, where `make execute` merged them: compile@1, compile@k, pass@1, ...
+    measured = [
+        c for c in metrics["base"] if c.split("@")[0] in ("compile", "pass", "focal_covered")
+    ]
+    executed = bool(measured) and all(c in m for m in metrics.values() for c in measured)
+    if executed:
+        header += measured
+    print("\n" + md_row(header) + "\n" + "|---" * len(header) + "|")
     for name, m in metrics.items():
         if name == "customized":
             cost = [f"{cfg.get('trainable_parameters', 0):,}", f"{pf:.4f}"]
@@ -368,6 +395,8 @@ def print_summary(run, cfg, metrics, k):
         cells = [name, f"{m['bleu4']:.1f}", f"{m['perplexity']:.3f}"]
         cells += [f"{100 * m[c]:.1f}%" for c in cols]
         cells += [unfinished, f"{m['source_gain']:.3f}", sides, *cost]
+        if executed:
+            cells += [percent(m[c]) for c in header[len(cells) :]]
         print(md_row(cells))
     note = (
         "source_gain: perplexity with another focal class's source / with the example's own; "
@@ -376,6 +405,19 @@ def print_summary(run, cfg, metrics, k):
     if metrics["base"]["source_gain"] < 1.05:
         note += "  <-- THE BASE DOES NOT READ ITS INPUT"
     print(note)
+    if executed:
+        base = metrics["base"]
+        print(
+            f"compile / pass / focal_covered: over the {base['valid_pairs']} pairs whose reference "
+            f"test compiles and passes in the harness (harness_valid {percent(base['harness_valid'])})"
+        )
+
+
+def percent(share):
+    """A share as a percentage; "not run" where the harness did not run (no JDK or sandbox)."""
+    if share is None:
+        return "not run"
+    return f"{100 * share:.1f}%"
 
 
 # --- the report over a folder of runs: Tables 3-4 (markdown), Figures 3-4 (PNG)
@@ -560,13 +602,31 @@ def report(root):
     means = Means(scores, cols)
     fmt = {"bleu4": "{:.1f}", "perplexity": "{:.3f}", "source_gain": "{:.3f}"}
     md = ["# Results: Table 3 and Table 4 analogues", ""]
+    # the execution figures (execute.py), where every run has them
+    executed = all(
+        s.metrics.get(metric) is not None for s in scores.values() for metric in EXECUTION
+    )
+    if executed:
+        for metric in EXECUTION:
+            fmt[metric] = "{:.1%}"
+    else:
+        md += ["Execution figures: not in every run (`make execute RUN=...` on each run).", ""]
     for metric in fmt:
         md += table3(means, metric, fmt[metric].format, cols, projects)
         md += table4(means, metric, cols)
-    figure3(plt, scores, means, cols, root / "fig3.png")
-    figure4(plt, logs, cols, root / "fig4.png")
-    figures = ["![Figure 3](fig3.png)", "", "![Figure 4](fig4.png)", ""]
-    data.atomic_write(root / "report.md", "\n".join(md + figures))
+    # the figures are drawn to temporary files and renamed only after report.md is written:
+    # a failure leaves the previous report and its figures as they were
+    drawn = {name: root / f".tmp-{name}" for name in ("fig3.png", "fig4.png")}
+    try:
+        figure3(plt, scores, means, cols, drawn["fig3.png"])
+        figure4(plt, logs, cols, drawn["fig4.png"])
+        figures = ["![Figure 3](fig3.png)", "", "![Figure 4](fig4.png)", ""]
+        data.atomic_write(root / "report.md", "\n".join(md + figures))
+        for name, tmp in drawn.items():
+            tmp.replace(root / name)
+    finally:
+        for tmp in drawn.values():
+            tmp.unlink(missing_ok=True)
     print("\n".join(md))
 
 

@@ -1290,12 +1290,19 @@ def merge_metrics(run_dir, result):
                 f"{run} is in use by another process (train.py or evaluate.py); wait for it"
             ) from None
         metrics = _read_json(path, f"score the run again (python evaluate.py {run})")
-        for model, figures in result["models"].items():
-            if isinstance(metrics.get(model), dict):
-                metrics[model].update(figures)
-                metrics[model]["harness_valid"] = result["harness_valid"]
-                metrics[model]["valid_pairs"] = result["valid_pairs"]
+        add_figures(metrics, result)
         data.atomic_write(path, json.dumps(metrics, indent=1))
+    return metrics
+
+
+def add_figures(metrics, result):
+    """metrics.json's dict, with the execution figures of `result` (execute_run's summary) added
+    under each model's entry (also what evaluate.py keeps when it scores the run again)."""
+    for model, figures in result["models"].items():
+        if isinstance(metrics.get(model), dict):
+            metrics[model].update(figures)
+            metrics[model]["harness_valid"] = result["harness_valid"]
+            metrics[model]["valid_pairs"] = result["valid_pairs"]
     return metrics
 
 

@@ -270,7 +270,7 @@ def test_run_without_checkpoint_and_unknown_method(tmp_path):
 # ---------------------------
 
 
-def test_score_run_rescore_report_and_generate(tmp_path, capsys):
+def test_score_run_rescore_report_and_generate(tmp_path, capsys, monkeypatch):
     import strategies
     from data.tokenizer import train_tokenizer
 
@@ -410,6 +410,58 @@ def test_score_run_rescore_report_and_generate(tmp_path, capsys):
     ev.main([str(run), "--rescore", "--limit", "4", "--beams", "3"])
     ev.report(tmp_path / "runs")
     assert "dropping a partial last line" in capsys.readouterr().out
+    # a report that fails while drawing leaves the previous report.md and figures as they were,
+    # and no temporary file
+    before = {
+        f: (tmp_path / "runs" / f).read_bytes() for f in ("report.md", "fig3.png", "fig4.png")
+    }
+
+    def broken(*args):
+        raise RuntimeError("drawing failed")
+
+    def other_figure3(plt, scores, means, cols, path):
+        # a Figure 3 unlike the one on disk, as new runs would draw it
+        plt.figure().savefig(path)
+
+    with monkeypatch.context() as m:
+        m.setattr(ev, "figure3", other_figure3)
+        m.setattr(ev, "figure4", broken)
+        with pytest.raises(RuntimeError, match="drawing failed"):
+            ev.report(tmp_path / "runs")
+    after = {f: (tmp_path / "runs" / f).read_bytes() for f in before}
+    assert after == before
+    assert not list((tmp_path / "runs").glob(".tmp-*"))
+    # execute.py's figures (execution.json) are kept when the run is scored again on the same
+    # predictions, shown in the summary, and removed with a message when the predictions change
+    summary = {
+        "harness_valid": 0.5,
+        "valid_pairs": 2,
+        "models": {
+            name: {
+                "compile@1": 0.5,
+                "compile@3": 0.5,
+                "pass@1": 0.0,
+                "pass@3": 0.5,
+                "focal_covered@3": 0.5,
+            }
+            for name in ev.MODELS
+        },
+    }
+    (run / "execution.json").write_text(json.dumps({"summary": summary}))
+    capsys.readouterr()
+    ev.main([str(run), "--rescore", "--limit", "4", "--beams", "3"])
+    printed = capsys.readouterr().out
+    saved = json.loads((run / "metrics.json").read_text())
+    assert saved["customized"]["pass@3"] == 0.5 and saved["base"]["harness_valid"] == 0.5
+    assert "| pass@3 | focal_covered@3 |" in printed and "(harness_valid 50.0%)" in printed
+    # the same decoding gives the same predictions: the figures stay
+    ev.score_run(run, limit=4, beams=2, max_new_tokens=6, batch_size=3)
+    assert (run / "execution.json").exists()
+    # other decoding, other predictions: the figures go
+    ev.score_run(run, limit=4, beams=3, max_new_tokens=6, batch_size=3)
+    assert "execution.json removed" in capsys.readouterr().out
+    assert not (run / "execution.json").exists()
+    assert "pass@1" not in json.loads((run / "metrics.json").read_text())["base"]
     # a base that is not the one the run was trained on (config.json's base_checksum) is refused by
     # name
     (run / "config.json").write_text(json.dumps({**cfg, "base_checksum": "0" * 64}))
