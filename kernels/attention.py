@@ -439,8 +439,8 @@ def _interpreting():
 
 
 def pick_config(D, dtype, precision="tf32"):
-    """fwd/dq tile queries by BLOCK_M, keys by BLOCK_N; dkdv the reverse. Interpreter: ~4 ms a
-    tile step, any size."""
+    """fwd/dq tile queries by BLOCK_M, keys by BLOCK_N; dkdv the reverse. The interpreter gets
+    16 x 16 tiles: its cost is per tile step, whatever the tile's size."""
     kind = "fp32 " + precision if dtype == torch.float32 else "16-bit"
     return dict(
         zip(("fwd", "dkdv", "dq"), ((16, 16, 1, 1),) * 3 if _interpreting() else GPU_TILES[kind][D])
