@@ -1,6 +1,6 @@
-"""src2abs in pure Python: the abstraction behind the paper's "abstracted match" metric (§3.3), plus
-the Java lexer and identifier extractor used for BLEU-4 and the coding-style metric (§3.3, Figure
-3b).
+"""src2abs in pure Python: the abstraction behind the paper's "abstracted match" metric (§3.3),
+plus the Java lexer and identifier extractor used for BLEU-4 and the coding-style metric (§3.3,
+Figure 3b).
 
 Implements docs/src2abs.md (section and quirk ids Q1-Q13 are cited inline). Pipeline per input:
 preprocess (comment and annotation removal, §3) -> a parser pass that only yields the TYPES and
@@ -10,7 +10,8 @@ compat=True reproduces every quirk of the original tool; compat=False (the metri
 fixes only Q1 (literal-blind comment regex) and Q2 (`@.+` annotation regex) and keeps everything
 else.
 
-    python abstract_java.py single IN OUT [--idioms FILE] [--compat]    # writes OUT and OUT.map (JSON)
+    # writes OUT and OUT.map (JSON)
+    python abstract_java.py single IN OUT [--idioms FILE] [--compat]
     python abstract_java.py pair INA INB OUTA OUTB [--idioms FILE] [--compat]
 """
 
@@ -26,11 +27,12 @@ from tree_sitter import Language, Parser, Query, QueryCursor
 
 # ----------------------------------------------------------------------------------------------
 # lexer (§4)
+# 50 keywords + 3 literals, all printed verbatim
 KEYWORDS = frozenset(
     """abstract assert boolean break byte case catch char class const continue default do double
-else enum extends final finally float for if goto implements import instanceof int interface long native new
-package private protected public return short static strictfp super switch synchronized this throw throws
-# 50 keywords + 3 literals, all printed verbatim
+else enum extends final finally float for if goto implements import instanceof int interface long
+native new package private protected public return short static strictfp super switch synchronized
+this throw throws
 transient try void volatile while true false null""".split()
 )
 _D = r"[0-9](?:[0-9_]*[0-9])?"  # Digits: underscores only between digits
@@ -44,16 +46,20 @@ _EXP = rf"[eE][+-]?{_D}"
 _TOKEN = re.compile(
     # skipped; unterminated /* falls through to `/` `*`
     r"(?P<WS>[ \t\r\n\f]+|/\*[\s\S]*?\*/|//[^\r\n]*)"
-    rf"|(?P<FLOAT>{_D}\.(?:{_D})?(?:{_EXP})?[fFdD]?|\.{_D}(?:{_EXP})?[fFdD]?|{_D}{_EXP}[fFdD]?|{_D}[fFdD]"
+    rf"|(?P<FLOAT>{_D}\.(?:{_D})?(?:{_EXP})?[fFdD]?|\.{_D}(?:{_EXP})?[fFdD]?"
+    rf"|{_D}{_EXP}[fFdD]?|{_D}[fFdD]"
     rf"|0[xX](?:{_H}\.?|(?:{_H})?\.{_H})[pP][+-]?{_D}[fFdD]?)"
-    rf"|(?P<INT>(?:0[xX]{_H}|0[bB][01](?:[01_]*[01])?|0_*[0-7](?:[0-7_]*[0-7])?|[1-9](?:_*{_D})?|0)[lL]?)"
+    rf"|(?P<INT>(?:0[xX]{_H}|0[bB][01](?:[01_]*[01])?|0_*[0-7](?:[0-7_]*[0-7])?"
+    rf"|[1-9](?:_*{_D})?|0)[lL]?)"
     r"|(?P<ID>[A-Za-z$_][A-Za-z0-9$_]*)"
     # Q4: both literals accept raw newlines; a char is one UTF-16 unit (no non-BMP char). `*+`:
     # Python >= 3.11
     r"""|(?P<STRING>"(?:[^"\\]|\\(?:[btnfr"'\\0-7]|u[0-9a-fA-F]{4}))*+")"""
-    r"""|(?P<CHAR>'(?:[^'\\\U00010000-\U0010FFFF]|\\(?:[btnfr"'\\]|[0-3][0-7]{2}|[0-7]{1,2}|u[0-9a-fA-F]{4}))')"""
+    r"""|(?P<CHAR>'(?:[^'\\\U00010000-\U0010FFFF]"""
+    r"""|\\(?:[btnfr"'\\]|[0-3][0-7]{2}|[0-7]{1,2}|u[0-9a-fA-F]{4}))')"""
     # Q5: no `->` `::` `>>` `>>>` `<<` tokens (lambdas print `- >`, generics need split `>`).
-    r"|(?P<KW>>>>=|>>=|<<=|\.\.\.|==|<=|>=|!=|&&|\|\||\+\+|--|[-+*/&|^%]=|[-(){}\[\];,.=><!~?:+*/&|^%@])"
+    r"|(?P<KW>>>>=|>>=|<<=|\.\.\.|==|<=|>=|!=|&&|\|\||\+\+|--|[-+*/&|^%]="
+    r"|[-(){}\[\];,.=><!~?:+*/&|^%@])"
 )
 _STRING_PREFIX = re.compile(r""""(?:[^"\\]|\\(?:[btnfr"'\\0-7]|u[0-9a-fA-F]{4}))*+""")
 _ASCII_PART = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789$_")
@@ -200,7 +206,8 @@ _QUERY = Query(
 (method_reference) @ref
 (switch_expression) @switch
 [(switch_rule) (yield_statement) (record_declaration) (multiline_string_fragment) (permits)
- (instanceof_expression name: (_)) (resource !type) (modifiers "sealed") (modifiers "non-sealed")] @bad
+ (instanceof_expression name: (_)) (resource !type) \
+(modifiers "sealed") (modifiers "non-sealed")] @bad
 ((identifier) @bad (#eq? @bad "_"))
 (class_body (method_declaration (modifiers "default")) @bad)
 """,
@@ -349,9 +356,9 @@ def _abstract_tokens(toks, types, methods, idioms, ids):
 
 
 def abstract_pair(a, b, idioms=None, compat=False):
-    """Pair mode (§9): TYPES/METHODS accumulated from A then B, one tokenizer, so ids are shared and B continues
-    A's counters. Both parses sit in one `try` in the original: if A fails B is never parsed (Q11).
-    -> (abstracted A, abstracted B, {placeholder: original text})."""
+    """Pair mode (§9): TYPES/METHODS accumulated from A then B, one tokenizer, so ids are shared
+    and B continues A's counters. Both parses sit in one `try` in the original: if A fails B is
+    never parsed (Q11). -> (abstracted A, abstracted B, {placeholder: original text})."""
     idioms = frozenset(idioms or ())
     types, methods, ids, pre = set(), set(), {}, [preprocess(x, compat) for x in (a, b)]
     for stripped, overflow in pre:

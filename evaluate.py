@@ -409,7 +409,8 @@ def print_summary(run, cfg, metrics, k):
         base = metrics["base"]
         print(
             f"compile / pass / focal_covered: over the {base['valid_pairs']} pairs whose reference "
-            f"test compiles and passes in the harness (harness_valid {percent(base['harness_valid'])})"
+            "test compiles and passes in the harness "
+            f"(harness_valid {percent(base['harness_valid'])})"
         )
 
 

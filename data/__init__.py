@@ -96,7 +96,8 @@ def load_project(name_or_path):
         name = p.resolve().name if p.is_dir() else str(name_or_path)
         if not p.is_dir() and name not in [r["name"] for r in read_projects()]:
             raise KeyError(
-                f"unknown project {name!r}: not in data/projects.tsv and not a folder or .jsonl file"
+                f"unknown project {name!r}: not in data/projects.tsv and not a folder or "
+                ".jsonl file"
             )
         path = CACHE / "corpus" / f"{name}.jsonl"
     if not path.exists():
@@ -112,7 +113,8 @@ def load_project(name_or_path):
     for n, r in enumerate(records, 1):
         if not (isinstance(r, dict) and "tgt" in r and any(k.startswith("src") for k in r)):
             raise ValueError(
-                f"{path}:{n}: not a record (a JSON object with a source and tgt): mine the corpus with "
+                f"{path}:{n}: not a record (a JSON object with a source and tgt): "
+                "mine the corpus with "
                 f"`python -m data.mine DIR --out {path.name}`"
             )
         bad = [
@@ -236,7 +238,8 @@ def folds(records, fold, k=4, seed=0, val_fraction=0.1):
     sizes = _class_sizes(records)
     if len(sizes) < k + 1:
         raise ValueError(
-            f"too few records for {k} folds plus validation: {len(records)} records in {len(sizes)} "
+            f"too few records for {k} folds plus validation: {len(records)} records in "
+            f"{len(sizes)} "
             f"test classes; need at least {k + 1} test classes"
         )
     order = sorted(sizes, key=lambda g: _h(seed, g))
@@ -317,7 +320,8 @@ def other_class_partners(records):
     if len(set(keys)) < 2:
         raise ValueError(
             f"source_gain needs records of at least two focal methods, got {len(set(keys))} "
-            f"({len(records)} records): the split is too small to tell whether a model reads its input"
+            f"({len(records)} records): the split is too small to tell whether a model reads "
+            "its input"
         )
     by_project = {}
     for i, r in enumerate(records):

@@ -1,8 +1,8 @@
 """BART's text infilling on Java code: the denoising stage of the base model (paper §2.1;
 AthenaTest's recipe).
 
-python -m data.denoise --projects grpc-java truth    # prints a few noised examples and the masked
-share
+# prints a few noised examples and the masked share
+python -m data.denoise --projects grpc-java truth
 
 AthenaTest was not trained from scratch on pairs: BART, pretrained by denoising English, was
 pretrained again by denoising Java, then fine-tuned on methods2test (Tufano et al. 2020, arXiv
@@ -14,15 +14,18 @@ masked. The decoder reconstructs the original, so it must find how many tokens e
 copy every other token from the encoder: the skill a base that reads its focal method needs, learned
 before the decoder has a language model of tests to fall back on.
 
-Our choices, where the BART paper leaves them open: the last span is cut so exactly round(0.3 n) tokens are
-masked; spans never touch (each sits in its own gap between unmasked tokens), so every <mask> is one span; no
-random-token replacement and no sentence permutation (fairseq's bart.large used both; code has no sentences).
-The text is Java of the BASE projects only (never a target project's), cut into windows that fit the model:
-  - "pairs": their focal methods in the base's focal context and their test methods, each distinct string once;
-  - "all": every .java file of their source trees (data/cache/src/<project>/, as data.fetch unpacked them), the
-    licence header before `package` dropped and whitespace collapsed as the records' is, except the files of the
-    test classes held out for the base's validation; in a seeded hash order of the files, up to `max_chars`
-    characters (far more Java than a base's budget reads: the cap keeps the token lists in memory small).
+Our choices, where the BART paper leaves them open: the last span is cut so exactly round(0.3 n)
+tokens are masked; spans never touch (each sits in its own gap between unmasked tokens), so every
+<mask> is one span; no random-token replacement and no sentence permutation (fairseq's bart.large
+used both; code has no sentences). The text is Java of the BASE projects only (never a target
+project's), cut into windows that fit the model:
+  - "pairs": their focal methods in the base's focal context and their test methods, each distinct
+    string once;
+  - "all": every .java file of their source trees (data/cache/src/<project>/, as data.fetch unpacked
+    them), the licence header before `package` dropped and whitespace collapsed as the records' is,
+    except the files of the test classes held out for the base's validation; in a seeded hash order
+    of the files, up to `max_chars` characters (far more Java than a base's budget reads: the cap
+    keeps the token lists in memory small).
 """
 
 import argparse
@@ -206,7 +209,8 @@ def main():
         len(s) - 2 - s.count(tok.token_to_id("<mask>")) for s in src
     )
     print(
-        f"{len(w)} windows, {sum(len(t) - 2 for t in tgt):,} tokens, {n_mask / sum(len(t) - 2 for t in tgt):.1%} masked"
+        f"{len(w)} windows, {sum(len(t) - 2 for t in tgt):,} tokens, "
+        f"{n_mask / sum(len(t) - 2 for t in tgt):.1%} masked"
     )
 
 

@@ -6,14 +6,15 @@
     python -m data.fetch --role base          # only the base (or target) projects
 
 How a project is fetched (../docs/methods2test.md §10), first that applies:
-  1. a Debian source package, with apt's own tools under a PRIVATE apt configuration in data/cache/apt/
-     whose deb-src entries are derived from the system's configured Debian sources (/etc/apt is only read,
-     and no mirror host name is written into the repository);
+  1. a Debian source package, with apt's own tools under a PRIVATE apt configuration in
+     data/cache/apt/ whose deb-src entries are derived from the system's configured Debian sources
+     (/etc/apt is only read, and no mirror host name is written into the repository);
   2. `git clone --depth 1 --branch TAG URL` when the TSV row has no Debian package;
   3. a local path, used in place.
-The upstream .orig tarball is checked against the .dsc's Checksums-Sha256 and only it is unpacked (no
-Debian patches). Everything is idempotent and resumable: unpacked trees go to a temporary folder that is
-renamed into place and then stamped; every output file is written to a temporary name and renamed.
+The upstream .orig tarball is checked against the .dsc's Checksums-Sha256 and only it is unpacked
+(no Debian patches). Everything is idempotent and resumable: unpacked trees go to a temporary folder
+that is renamed into place and then stamped; every output file is written to a temporary name and
+renamed.
 """
 
 import argparse
@@ -142,7 +143,8 @@ def fetch_debian(row, dest, cache=CACHE):
         origs = sorted(dl.glob(f"{src}_{upstream}.orig*.tar.*"))
         if not origs:
             raise SystemExit(
-                f"{row['name']}: apt-get source {src}={version} gave no upstream tarball:\n{r.stderr[-800:]}"
+                f"{row['name']}: apt-get source {src}={version} gave no upstream tarball:\n"
+                f"{r.stderr[-800:]}"
             )
     sums = {}
     for dsc in dl.glob(f"{src}_*.dsc"):
@@ -297,7 +299,8 @@ def main():
         ]
         _write(cache / "corpus" / "summary.tsv", "\n".join(rows) + "\n")
         print(
-            f"summary: {cache / 'corpus' / 'summary.tsv'}; total pairs {sum(c['pairs'] for _, c in summary)}"
+            f"summary: {cache / 'corpus' / 'summary.tsv'}; "
+            f"total pairs {sum(c['pairs'] for _, c in summary)}"
         )
     if failed:
         raise SystemExit(f"mining failed for {', '.join(failed)}")

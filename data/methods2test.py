@@ -2,16 +2,18 @@
 
 python -m data.methods2test PATH --out FILE.jsonl [--repo REPO_ID]
 
-For a user who has the real data (github.com/microsoft/methods2test; its files are Git LFS objects, which we
-could not inspect, see ../docs/methods2test.md §6-§7). Two layouts are read, from a folder or straight from a
-.tar / .tar.bz2 archive:
-  - dataset: `<repo_id>/<repo_id>_<n>.json`, one mapped test case each, with the five keys focal_class,
-    focal_method, test_class, test_case, repository. We rebuild the five src_* strings from them
-    (mine.corpus_strings), so dataset records look exactly like the ones data/mine.py writes.
-  - corpus JSON: `<split>/<repo_id>/<repo_id>_<n>_corpus.json` with `target` and the five `src_*` strings; the
-    methods2test fields are absent there, so these records have id, project, src, tgt and src_* only.
-The layout is told apart per file by its keys. Identical (src, tgt) pairs of one repository are kept once, as
-the miner does. Our `project` is the repository's repo_id (a string).
+For a user who has the real data (github.com/microsoft/methods2test; its files are Git LFS objects,
+which we could not inspect, see ../docs/methods2test.md §6-§7). Two layouts are read, from a
+folder or straight from a .tar / .tar.bz2 archive:
+  - dataset: `<repo_id>/<repo_id>_<n>.json`, one mapped test case each, with the five keys
+    focal_class, focal_method, test_class, test_case, repository. We rebuild the five src_* strings
+    from them (mine.corpus_strings), so dataset records look exactly like the ones data/mine.py
+    writes.
+  - corpus JSON: `<split>/<repo_id>/<repo_id>_<n>_corpus.json` with `target` and the five `src_*`
+    strings; the methods2test fields are absent there, so these records have id, project, src, tgt
+    and src_* only.
+The layout is told apart per file by its keys. Identical (src, tgt) pairs of one repository are kept
+once, as the miner does. Our `project` is the repository's repo_id (a string).
 """
 
 import argparse
@@ -87,7 +89,8 @@ def read_methods2test(path, repo=None):
             r = from_corpus(name, d)
         else:
             raise ValueError(
-                f"{name}: neither a methods2test dataset record nor a corpus record (keys {sorted(d)})"
+                f"{name}: neither a methods2test dataset record nor a corpus record "
+                f"(keys {sorted(d)})"
             )
         if repo is not None and r["project"] != str(repo):
             continue

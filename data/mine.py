@@ -1,16 +1,20 @@
-"""Mine focal-method <-> test-case pairs from a Java source tree, methods2test's way (§3.1 Dataset).
+"""Mine focal-method <-> test-case pairs from a Java source tree, methods2test's way (§3.1
+Dataset).
 
 python -m data.mine DIR --project NAME --out FILE.jsonl [--strict]
 
-Rules: ../docs/methods2test.md §2-§7; our deviations (§9), all on by default, `--strict` turns 1 and 2 off:
-  1. paths get a leading "/" before the path rule, so a root-level Maven layout (src/test -> src/main) maps;
-  2. FooTests / FooTestCase(s) / FooIT name Foo too, and when no path matches, the test class falls back to a
-     non-test Foo.java by file name (same folder under src/main, else same package, else the only one);
+Rules: ../docs/methods2test.md §2-§7; our deviations (§9), all on by default, `--strict` turns 1
+and 2 off:
+  1. paths get a leading "/" before the path rule, so a root-level Maven layout (src/test ->
+     src/main) maps;
+  2. FooTests / FooTestCase(s) / FooIT name Foo too, and when no path matches, the test class falls
+     back to a non-test Foo.java by file name (same folder under src/main, else same package, else
+     the only one);
   3. byte slicing with a UTF-8/Latin-1 decode (data/java.py);
   4. test names are normalised by deleting every "test" (methods2test's code, not its README).
-One record per mapped test case (../docs/design.md "Record"): id, project, src (= src_fm_fc_ms_ff), tgt, the five
-src_* strings, and methods2test's focal_class / focal_method / test_class / test_case / repository.
-Identical (src, tgt) pairs within the project are kept once.
+One record per mapped test case (../docs/design.md "Record"): id, project, src (= src_fm_fc_ms_ff),
+tgt, the five src_* strings, and methods2test's focal_class / focal_method / test_class / test_case
+/ repository. Identical (src, tgt) pairs within the project are kept once.
 """
 
 import argparse
@@ -96,7 +100,8 @@ def find_focal_file(test_path, test_bytes, by_key, by_name, strict):
 
 
 def find_focal_method(test, focal_classes):
-    """(focal class, focal method, rule) for one test case (../docs/methods2test.md §5), or None."""
+    """(focal class, focal method, rule) for one test case (../docs/methods2test.md §5), or
+    None."""
     first = {}  # lower-cased name -> first declared (class, method); overloads: the first wins
     for c in focal_classes:
         for m in c["methods"]:
@@ -143,6 +148,18 @@ def _export(m, full):
     return {**d, "invocations": invocations(m)} if full else d
 
 
+def _index_focal_files(focal, strict):
+    """(by_key, by_name) for find_focal_file over the non-test files `focal`. by_key: lower-cased
+    path, with a leading "/" unless strict -> the first such path; by_name: file name -> paths."""
+    by_key, by_name = {}, {}
+    for p in focal:
+        # candidates are only lower-cased: a focal path that contains "test" (Attestation.java) is
+        # unreachable first match wins, as the released script
+        by_key.setdefault(("/" + p if not strict else p).lower(), p)
+        by_name.setdefault(p.rsplit("/", 1)[-1], []).append(p)
+    return by_key, by_name
+
+
 def mine(root, project, url=None, strict=False, warn=print):
     """All records of one Java tree, and the counts of the run. Raises MiningError on unusable
     input."""
@@ -154,12 +171,7 @@ def mine(root, project, url=None, strict=False, warn=print):
         )
     test_set = set(tests)
     focal = [p for p in files if p not in test_set and "src/test" not in p]
-    by_key, by_name = {}, {}
-    for p in focal:
-        # candidates are only lower-cased: a focal path that contains "test" (Attestation.java) is
-        # unreachable first match wins, as the released script
-        by_key.setdefault(("/" + p if not strict else p).lower(), p)
-        by_name.setdefault(p.rsplit("/", 1)[-1], []).append(p)
+    by_key, by_name = _index_focal_files(focal, strict)
     counts = dict(
         files=len(files),
         test_files=len(tests),
@@ -260,9 +272,12 @@ def mine_to_jsonl(root, project, out, url=None, strict=False):
 def format_counts(c):
     return (
         f"{c['files']} files, {c['test_files']} test files, {c['test_classes']} test classes "
-        f"({c['mapped_classes']} mapped: {c['by_path']} path, {c['by_name']} name), {c['test_cases']} test cases, "
-        f"mapped {c['name_match']} name match + {c['unique_call']} unique call -> {c['pairs']} pairs "
-        f"({c['duplicates']} duplicates dropped), {c['unparsed']} files did not parse, {c['unreadable']} unreadable"
+        f"({c['mapped_classes']} mapped: {c['by_path']} path, {c['by_name']} name), "
+        f"{c['test_cases']} test cases, "
+        f"mapped {c['name_match']} name match + {c['unique_call']} unique call -> "
+        f"{c['pairs']} pairs "
+        f"({c['duplicates']} duplicates dropped), {c['unparsed']} files did not parse, "
+        f"{c['unreadable']} unreadable"
     )
 
 

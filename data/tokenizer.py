@@ -11,11 +11,12 @@ ids match BART's, because the model relies on them: <s>=0 (bos), <pad>=1, </s>=2
 start), <unk>=3.
 
 API (what train.py / evaluate.py call):
-    tok = load_tokenizer(path)     # our tokenizer.json, or a folder with vocab.json + merges.txt (BART/RoBERTa)
+    # our tokenizer.json, or a folder with vocab.json + merges.txt (BART/RoBERTa)
+    tok = load_tokenizer(path)
     src, tgt, n_trunc = encode_pairs(tok, records, max_src=512, max_tgt=512)   # lists of id lists
     text = tok.decode(ids)         # special tokens dropped
-Every sequence is wrapped as <s> ... </s>; a longer one is cut to the maximum and still ends in </s>.
-`n_trunc` counts the pairs where either side was cut.
+Every sequence is wrapped as <s> ... </s>; a longer one is cut to the maximum and still ends in
+</s>. `n_trunc` counts the pairs where either side was cut.
 """
 
 import argparse
@@ -49,7 +50,8 @@ def check_mask(tok, path):
     by name."""
     if tok.token_to_id("<mask>") is None:
         raise ValueError(
-            f"{path}: this tokenizer has no <mask> token (it was built by an older version of data/); "
+            f"{path}: this tokenizer has no <mask> token "
+            "(it was built by an older version of data/); "
             f"delete it and rebuild it with `make data/cache/tokenizer.json`, then retrain the base"
         )
     return tok
@@ -171,8 +173,10 @@ def main():
         return sum(map(len, xs)) / max(len(xs), 1)
 
     print(
-        f"{len(names)} projects, {len(records)} pairs (read in {t1 - t0:.1f}s); trained vocab {tok.get_vocab_size()} "
-        f"in {t2 - t1:.1f}s -> {out}\nfirst {len(src)} pairs: mean {mean(src):.0f} src / {mean(tgt):.0f} tgt tokens, "
+        f"{len(names)} projects, {len(records)} pairs (read in {t1 - t0:.1f}s); "
+        f"trained vocab {tok.get_vocab_size()} "
+        f"in {t2 - t1:.1f}s -> {out}\n"
+        f"first {len(src)} pairs: mean {mean(src):.0f} src / {mean(tgt):.0f} tgt tokens, "
         f"{n_trunc} longer than 1024"
     )
 

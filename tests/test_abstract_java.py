@@ -499,3 +499,19 @@ def test_reindented_copy_and_pair(m, seps, compat):
     a, b, mapping = abstract_pair(flat, reindented, compat=compat)
     assert (a, mapping) == abstract(flat, compat=compat) and b == a
     check_numbering(a, mapping)
+
+
+def test_keywords_are_the_jls_keywords_and_literals_only():
+    """Java's 50 keywords (JLS 17 §3.9, `_` aside) and its three literal words are keywords; words of
+    a comment near the list are not (an identifier named `all` stays an identifier)."""
+    import abstract_java
+
+    jls = """abstract assert boolean break byte case catch char class const continue default do
+    double else enum extends final finally float for if goto implements import instanceof int
+    interface long native new package private protected public return short static strictfp super
+    switch synchronized this throw throws transient try void volatile while""".split()
+    assert len(jls) == 50
+    assert abstract_java.KEYWORDS == frozenset(jls + ["true", "false", "null"])
+    assert ("ID", "all") in lex("int all = verbatim;") and ("ID", "verbatim") in lex(
+        "x = verbatim;"
+    )
