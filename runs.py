@@ -19,11 +19,15 @@ Nothing here is unpickled beyond tensors (torch.load weights_only=True); every f
 through a temporary file and a rename (data.atomic_write), except log.jsonl, appended a line at a
 time (a cut last line is dropped)."""
 
+import contextlib
+import errno
 import fcntl
 import hashlib
 import json
 import math
 import os
+import pickle
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -113,6 +117,30 @@ def check_save_base(path):
         raise SystemExit(f"--save_base={path}: cannot write in {ancestor}: choose another path")
 
 
+def unlock_run(run):
+    """Drop this process's lock on a run folder (lock_run), as before the folder is removed."""
+    f = _HELD.pop(os.path.abspath(run), None)
+    if f is not None:
+        f.close()
+
+
+@contextlib.contextmanager
+def run_folder(out_dir, name, master=True):
+    """open_run for the rest of a training: a run folder this invocation made is removed again
+    (the master's lock dropped) when the training fails before its first checkpoint (no last.pt),
+    so that a failure leaves no empty folder, nor one holding only config.json. A folder that was
+    there before (a resumed run) keeps its files; so does one with a last.pt (it resumes)."""
+    made = not os.path.exists(os.path.join(out_dir, name))
+    run = open_run(out_dir, name)
+    try:
+        yield run
+    except BaseException:
+        if made and master and not os.path.exists(os.path.join(run, "last.pt")):
+            unlock_run(run)
+            shutil.rmtree(run, ignore_errors=True)
+        raise
+
+
 def open_run(out_dir, name):
     """runs/<name>, created and checked writable (a clear error instead of a crash at the first
     checkpoint)."""
@@ -156,6 +184,43 @@ def resolve(cfg):
         device,
         cfg["attn_impl"] if cfg["attn_impl"] != "auto" else attn_impl,
     )
+
+
+def disk_full(e, path):
+    """Did writing `path` fail for want of space? An OSError says ENOSPC; safetensors' writer says
+    it in words; torch.save's only that the write failed (the folder's free space tells)."""
+    if getattr(e, "errno", None) == errno.ENOSPC or "No space left on device" in str(e):
+        return True
+    folder = os.path.dirname(os.path.abspath(path))
+    return "file write failed" in str(e) and shutil.disk_usage(folder).free < 1 << 20
+
+
+def write_file(path, content):
+    """data.atomic_write, with a full disk said in one line naming the file: the file keeps its
+    previous version and atomic_write removes its temporary file, so the run resumes from its
+    last checkpoint."""
+    try:
+        data.atomic_write(path, content)
+    except Exception as e:
+        if not disk_full(e, path):
+            raise
+        raise SystemExit(
+            f"{path}: no space left on device: free space and rerun (the run resumes from its "
+            f"last checkpoint)"
+        ) from None
+
+
+def saved_config(run):
+    """The config.json of an existing run ({} if there is none); not JSON: one line naming it."""
+    path = os.path.join(run, "config.json")
+    if not os.path.isfile(path):
+        return {}
+    try:
+        return json.load(open(path, encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SystemExit(
+            f"{path}: not valid JSON ({e}); delete {run} and rerun to retrain the run"
+        ) from None
 
 
 def read_log(path, upto_step=None):
@@ -204,7 +269,7 @@ def parse_settings(argv, defaults):
 def write_config(run, saved, note=""):
     """config.json: every setting of the run and what it resolved to (device, splits,
     parameters); printed, then the parameters and the data in a line (and `note`)."""
-    data.atomic_write(os.path.join(run, "config.json"), json.dumps(saved, indent=2))
+    write_file(os.path.join(run, "config.json"), json.dumps(saved, indent=2))
     print(json.dumps(saved, indent=2))
     print(
         f"parameters: {saved['total_parameters']:,} total, {saved['trainable_parameters']:,} trainable; "
@@ -216,16 +281,20 @@ def write_config(run, saved, note=""):
 def resume(run, cfg, may_change, model, optimizer, rank, world, device):
     """The loop's state: FRESH, or runs/<name>'s last.pt if it is there (same settings only:
     check_resume), loaded with the trainable tensors, the optimizer and this rank's generators. A
-    run stopped by max_steps or the time limit goes on when the rerun raises them; one that
-    stopped early stays done. Log lines written after the checkpoint (a kill between the two) are
-    dropped; a fresh start drops the old log."""
+    run stopped by max_steps or the time limit goes on when the rerun raises them (max_steps only
+    within check_schedule's rule); one that stopped early stays done. Log lines written after the
+    checkpoint (a kill between the two) are dropped; a fresh start drops the old log. A last.pt or
+    best.safetensors cut short (a full disk or a kill during an older train.py's save) is one line
+    saying the run must be retrained."""
     last, log, state = os.path.join(run, "last.pt"), os.path.join(run, "log.jsonl"), dict(FRESH)
     if not os.path.exists(last):
         if rank == 0 and os.path.exists(log):
             os.remove(log)
         return state
-    check_resume(run, cfg, may_change)
-    ck = torch.load(last, map_location=device, weights_only=True)
+    old = check_resume(run, cfg, may_change)
+    ck = read_state(run, device)
+    if os.path.exists(os.path.join(run, "best.safetensors")):
+        read_delta(os.path.join(run, "best.safetensors"))
     try:
         load_trainable(model, ck["trainable"])
         optimizer.load_state_dict(ck["optimizer"])
@@ -240,6 +309,7 @@ def resume(run, cfg, may_change, model, optimizer, rank, world, device):
             f"--nproc_per_node={len(ck['rng'])}"
         )
     state.update(ck["state"])
+    check_schedule(run, old, cfg, state["step"])
     torch.set_rng_state(ck["rng"][rank]["cpu"])
     if device.startswith("cuda"):
         torch.cuda.set_rng_state(ck["rng"][rank]["cuda"], device)
@@ -250,8 +320,56 @@ def resume(run, cfg, may_change, model, optimizer, rank, world, device):
     ):
         del state["done"]
     if rank == 0 and os.path.exists(log):
-        data.atomic_write(log, "".join(json.dumps(x) + "\n" for x in read_log(log, state["step"])))
+        write_file(log, "".join(json.dumps(x) + "\n" for x in read_log(log, state["step"])))
     return state
+
+
+def read_state(run, device):
+    """last.pt's contents (tensors only); a file cut short or corrupt: one line naming it."""
+    last = os.path.join(run, "last.pt")
+    try:
+        return torch.load(last, map_location=device, weights_only=True)
+    except PermissionError:
+        raise
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError):
+        raise SystemExit(
+            f"{last}: cut short or corrupt (a full disk or a kill during an older train.py's "
+            f"save): the run cannot resume from it; delete {run} and rerun to retrain it from the "
+            f"start"
+        ) from None
+
+
+def check_schedule(run, old, cfg, step):
+    """max_steps sets the length of the supervised stage's cosine decay (train.get_lr): a resume
+    may change it only while every step taken so far had the same learning rate under both
+    values, i.e. up to the end of that stage's warmup (step denoise_steps + warmup_steps). Later
+    it would join two schedules while config.json named only the new one: refused by name."""
+    before = old.get("max_steps", cfg["max_steps"])
+    limit = cfg["denoise_steps"] + cfg["warmup_steps"]
+    if before == cfg["max_steps"] or step <= limit:
+        return
+    raise SystemExit(
+        f"--max_steps={cfg['max_steps']}: {run} is at step {step} of a learning-rate schedule "
+        f"for max_steps={before} (its cosine decay after step {limit}); a resume may change "
+        f"max_steps only up to step {limit}: keep --max_steps={before}, or train a new run "
+        f"(another --name) with --max_steps={cfg['max_steps']}"
+    )
+
+
+def check_dtype(run, cfg, dtype):
+    """A run resumes in the compute dtype it was trained in (config.json's resolved dtype):
+    --dtype=auto resolves per machine, and going on in the other dtype would change its numbers
+    silently. Another one is refused naming both, with the --dtype that resumes it."""
+    if not os.path.exists(os.path.join(run, "last.pt")):
+        return
+    old = saved_config(run).get("resolved", {}).get("dtype")
+    if old in (None, dtype):
+        return
+    raise SystemExit(
+        f"{run} was trained in {old} (config.json: resolved.dtype) but would resume in {dtype} "
+        f"(--dtype={cfg['dtype']} on this machine): pass --dtype={old} to resume it in {old}, or "
+        f"train a new run (another --name)"
+    )
 
 
 def log_evaluation(run, state, stage, train_loss, check, better):
@@ -272,8 +390,18 @@ def log_evaluation(run, state, stage, train_loss, check, better):
         **check,
         seconds=round(state["seconds"], 2),
     )
-    with open(os.path.join(run, "log.jsonl"), "a") as f:
-        f.write(json.dumps(line) + "\n")
+    path = os.path.join(run, "log.jsonl")
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(line) + "\n")
+    except OSError as e:
+        if not disk_full(e, path):
+            raise
+        # a line cut short is dropped on resume (read_log)
+        raise SystemExit(
+            f"{path}: no space left on device: free space and rerun (the run resumes from its "
+            f"last checkpoint)"
+        ) from None
     print(
         f"step {state['step']} ({stage}): val loss {check['val_loss']:.4f}{' (best)' if better else ''} | "
         + (f"denoise_gain {check['denoise_gain']:.2f} | " if stage == "denoise" else "")
@@ -285,11 +413,10 @@ def log_evaluation(run, state, stage, train_loss, check, better):
 def check_resume(run, cfg, may_change):
     """A run resumes only with the settings that made it: another fold, project, strategy,
     learning rate... would continue another run (a model trained on what is now its test fold).
-    Each differing setting is named."""
-    path = os.path.join(run, "config.json")
-    if not os.path.isfile(path):
-        return
-    old = json.load(open(path))
+    Each differing setting is named. Returns the saved config.json ({} if none)."""
+    old = saved_config(run)
+    if not old:
+        return old
     differ = [
         f"{k}: {old.get(k)!r} -> {v!r}"
         for k, v in cfg.items()
@@ -300,6 +427,7 @@ def check_resume(run, cfg, may_change):
             f"{run} was started with other settings ({'; '.join(differ)}); resuming would continue "
             f"another run. Use the same settings, another --name, or delete {run}"
         )
+    return old
 
 
 # ---- the delta: best.safetensors holds exactly the trainable tensors, the strategy in its metadata
@@ -318,9 +446,25 @@ def save_trainable(model, path):
     from safetensors.torch import save_file
 
     sd = {k: v.contiguous() for k, v in trainable_state_dict(model).items()}
-    data.atomic_write(
-        path, lambda p: save_file(sd, p, metadata={"strategy": json.dumps(model.strategy)})
-    )
+    write_file(path, lambda p: save_file(sd, p, metadata={"strategy": json.dumps(model.strategy)}))
+
+
+def read_delta(path, device="cpu"):
+    """A save_trainable file -> (its strategy or None, its tensors on `device`). A file cut short
+    or corrupt (a full disk or a kill during an older version's save): ValueError naming it and
+    saying that the run must be retrained."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            saved = json.loads((f.metadata() or {}).get("strategy", "null"))
+            return saved, {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, json.JSONDecodeError):
+        raise ValueError(
+            f"{path}: cut short or corrupt, not a whole safetensors file (a full disk or a kill "
+            f"during an older version's save): the run must be retrained: delete "
+            f"{os.path.dirname(os.path.abspath(path))} and rerun train.py"
+        ) from None
 
 
 def load_trainable(model, src):
@@ -332,11 +476,7 @@ def load_trainable(model, src):
             "apply the delta's strategy to the model first (strategies.apply(model, name, ...))"
         )
     if isinstance(src, (str, os.PathLike)):
-        from safetensors import safe_open
-
-        with safe_open(str(src), framework="pt") as f:
-            saved = json.loads((f.metadata() or {}).get("strategy", "null"))
-            sd = {k: f.get_tensor(k) for k in f.keys()}
+        saved, sd = read_delta(src)
         if saved is not None and saved != model.strategy:
             raise ValueError(
                 f"{src}: a delta of {saved} cannot load onto a model customized with {model.strategy}"
@@ -382,7 +522,7 @@ def save_state(run, model, optimizer, state, device, ddp, world, master):
             state=dict(state),
             rng=rng,
         )
-        data.atomic_write(os.path.join(run, "last.pt"), lambda p: torch.save(ck, p))
+        write_file(os.path.join(run, "last.pt"), lambda p: torch.save(ck, p))
 
 
 def finish(run, model, state, reason):

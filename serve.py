@@ -514,8 +514,6 @@ def load(run_dirs, device="cpu"):
     """(server, the runs' shared config, tokenizer, {run: error}) from run folders: the first
     run's base is loaded once; a run on another base (checksum) or with another tokenizer or
     focal context is refused by name."""
-    from safetensors import safe_open
-
     cfgs = {r: runs.run_config(r) for r in run_dirs}
     first = cfgs[run_dirs[0]]
     tok = load_tokenizer(first["tokenizer"])
@@ -538,10 +536,11 @@ def load(run_dirs, device="cpu"):
     for r in run_dirs:
         if r in errors:
             continue
-        path = str(Path(r) / "best.safetensors")
-        with safe_open(path, framework="pt", device=str(device)) as f:
-            strategy = json.loads(f.metadata()["strategy"])
-            deltas[r] = (strategy, {k: f.get_tensor(k) for k in f.keys()})
+        # a delta cut short or corrupt: that run's requests are refused with the reason
+        try:
+            deltas[r] = runs.read_delta(Path(r) / "best.safetensors", device)
+        except ValueError as e:
+            errors[r] = str(e)
     return Server(base, deltas), first, tok, errors
 
 

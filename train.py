@@ -106,7 +106,8 @@ settings = dict(
     poisson_lambda=3.0,
     # pairs: share of the decoder's input tokens replaced by <mask> (data/denoise.word_dropout)
     word_dropout=0.0,
-    max_steps=2000,  # all stages together
+    # all stages together; a resume may change it only within the schedule's warmup (RESUMABLE)
+    max_steps=2000,
     max_minutes=0.0,  # stop (and keep the best checkpoint) after this long; 0 = no limit
     # steps between validation losses (each writes a log line and the resume state)
     eval_interval=25,
@@ -186,8 +187,14 @@ BOUNDS = {
     "eval_interval": ("an integer >= 1", lambda v, c: v >= 1),
     "patience": ("an integer >= 1", lambda v, c: v >= 1),
 }
-# may change when a run resumes
-RESUMABLE = ("max_steps", "max_minutes", "patience", "eval_interval", "device")
+# may change when a run resumes; every other setting is checked against config.json
+# (runs.check_resume). Two of them within rules: max_steps sets the length of the supervised
+# stage's cosine decay, so a resume may change it only up to step denoise_steps + warmup_steps,
+# while every learning rate taken so far is the same under both values (runs.check_schedule; after
+# that a longer or shorter run is a new run: another --name); dtype may be spelled otherwise
+# (auto or the dtype it came to), but the compute dtype recorded in config.json's resolved.dtype
+# may not change (runs.check_dtype: --dtype=auto resolves per machine)
+RESUMABLE = ("max_steps", "max_minutes", "patience", "eval_interval", "device", "dtype")
 
 
 def parse_args(argv, defaults):
@@ -476,11 +483,20 @@ def native_bf16(cuda):
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def pick_dtype(cfg, cuda):
-    """The run's compute dtype: --dtype, with auto resolved by native_bf16."""
-    if cfg["dtype"] == "auto":
-        return "bf16" if native_bf16(cuda) else "fp32"
-    return cfg["dtype"]
+def pick_dtype(cfg, cuda, run):
+    """The run's compute dtype: --dtype, with auto resolved by native_bf16; a GPU without bf16
+    refuses it in one line; a resumed run keeps the dtype it was trained in (runs.check_dtype:
+    config.json's resolved dtype, whatever auto comes to on this machine)."""
+    dtype = cfg["dtype"]
+    if dtype == "auto":
+        dtype = "bf16" if native_bf16(cuda) else "fp32"
+    if dtype == "bf16" and cuda and not torch.cuda.is_bf16_supported():
+        raise SystemExit(
+            f"--dtype={cfg['dtype']} computes in bf16, which this GPU does not: run it on a GPU "
+            f"with bf16, or train a new run (another --name) with --dtype=fp32"
+        )
+    runs.check_dtype(run, cfg, dtype)
+    return dtype
 
 
 def measure_peak(device, dtype, n=2048, reps=5):
@@ -845,85 +861,86 @@ def main(argv):
     tok = load_tokenizer(cfg["tokenizer"])
     d = load_data(cfg, tok)
     streams = make_streams(d, tok, cfg, env)
-    # after the data: a bad input leaves no empty run folder
-    run = runs.open_run(cfg["out_dir"], cfg["name"])
-    if env.master:
-        # one writer per run folder
-        runs.lock_run(run)
+    # after the data: a bad input leaves no empty run folder, and a failure before the first
+    # checkpoint removes the folder this invocation made (runs.run_folder)
+    with runs.run_folder(cfg["out_dir"], cfg["name"], env.master) as run:
+        if env.master:
+            # one writer per run folder
+            runs.lock_run(run)
 
-    # the model and its optimizer, in the compute dtype
-    dtype = pick_dtype(cfg, env.cuda)
-    env.autocast = autocast_of(dtype, env.cuda)
-    # MFU's denominator: this machine, this dtype
-    peak = measure_peak(env.device, dtype)
-    if env.master:
-        print_dtype(dtype, peak, env.cuda)
-    options = strategy_options(cfg)
-    model = build_model(cfg, tok, options, d, env)
-    params = strategies.trainable_parameters(model)
-    optimizer = build_optimizer(model, cfg, env.cuda)
-    train_model = data_parallel(model, env)
+        # the model and its optimizer, in the compute dtype
+        dtype = pick_dtype(cfg, env.cuda, run)
+        env.autocast = autocast_of(dtype, env.cuda)
+        # MFU's denominator: this machine, this dtype
+        peak = measure_peak(env.device, dtype)
+        if env.master:
+            print_dtype(dtype, peak, env.cuda)
+        options = strategy_options(cfg)
+        model = build_model(cfg, tok, options, d, env)
+        params = strategies.trainable_parameters(model)
+        optimizer = build_optimizer(model, cfg, env.cuda)
+        train_model = data_parallel(model, env)
 
-    # resume: last.pt holds the trainable tensors, optimizer, step, the streams' places, RNG and
-    # early-stopping state; a fresh start if there is no last.pt
-    state = runs.resume(run, cfg, RESUMABLE, model, optimizer, env.rank, env.world, env.device)
-    for stream in streams.values():
-        stream.restore(state)
-    if env.master:
-        write_config(run, cfg, options, model, d, dtype, env)
+        # resume: last.pt holds the trainable tensors, optimizer, step, the streams' places, RNG and
+        # early-stopping state; a fresh start if there is no last.pt
+        state = runs.resume(run, cfg, RESUMABLE, model, optimizer, env.rank, env.world, env.device)
+        for stream in streams.values():
+            stream.restore(state)
+        if env.master:
+            write_config(run, cfg, options, model, d, dtype, env)
 
-    t0 = time.time() - state["seconds"]
-    t_step = time.time()
-    train_loss = float("nan")
-    reason = state.get("done") or "max_steps"
-    # step 0 (not on resume): the base is a candidate; a customization that only hurts keeps it
-    if state["best_step"] < 0 and not state.get("done") and not base:
-        validate(model, "supervised", state, d, run, train_loss, t0, cfg, env)
-        save_checkpoint(run, model, optimizer, state, streams, env)
-    model.train()
-    while state["step"] < cfg["max_steps"] and not state.get("done"):
-        stage = stage_of(state["step"], cfg)[0]
-        lr = set_lr(optimizer, state["step"], cfg)
-        noising = is_denoising_step(state["step"], cfg)
-        stream = streams["denoise"] if noising else streams["pairs"]
-        loss, drawn = forward_backward(train_model, stream, noising, cfg, tok, env)
-        if not math.isfinite(loss):
-            print_nonfinite(state, loss, run)
-            reason = "non-finite loss"
-            break
-        torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"])
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        ran = step_compute(model.config, cfg, options, drawn, env)
-        add_to_totals(state, ran, noising)
-        train_loss = loss
-        dt = time.time() - t_step
+        t0 = time.time() - state["seconds"]
         t_step = time.time()
-        if env.master and (state["step"] % 5 == 0 or state["step"] == 1):
-            shown = "denoise" if noising else stage
-            print_step(state, shown, loss, lr, dt, ran, peak, cfg, env)
-        out_of_time = cfg["max_minutes"] > 0 and time.time() - t0 > cfg["max_minutes"] * 60
-        stage_end = state["step"] in (cfg["denoise_steps"], cfg["max_steps"])
-        if state["step"] % cfg["eval_interval"] == 0 or stage_end or out_of_time:
-            validate(model, stage, state, d, run, train_loss, t0, cfg, env)
+        train_loss = float("nan")
+        reason = state.get("done") or "max_steps"
+        # step 0 (not on resume): the base is a candidate; a customization that only hurts keeps it
+        if state["best_step"] < 0 and not state.get("done") and not base:
+            validate(model, "supervised", state, d, run, train_loss, t0, cfg, env)
             save_checkpoint(run, model, optimizer, state, streams, env)
-            stop = stop_reason(state, out_of_time, cfg)
-            if stop:
-                reason = stop
+        model.train()
+        while state["step"] < cfg["max_steps"] and not state.get("done"):
+            stage = stage_of(state["step"], cfg)[0]
+            lr = set_lr(optimizer, state["step"], cfg)
+            noising = is_denoising_step(state["step"], cfg)
+            stream = streams["denoise"] if noising else streams["pairs"]
+            loss, drawn = forward_backward(train_model, stream, noising, cfg, tok, env)
+            if not math.isfinite(loss):
+                print_nonfinite(state, loss, run)
+                reason = "non-finite loss"
                 break
-            # the evaluation's time is not the next step's
+            torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"])
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            ran = step_compute(model.config, cfg, options, drawn, env)
+            add_to_totals(state, ran, noising)
+            train_loss = loss
+            dt = time.time() - t_step
             t_step = time.time()
+            if env.master and (state["step"] % 5 == 0 or state["step"] == 1):
+                shown = "denoise" if noising else stage
+                print_step(state, shown, loss, lr, dt, ran, peak, cfg, env)
+            out_of_time = cfg["max_minutes"] > 0 and time.time() - t0 > cfg["max_minutes"] * 60
+            stage_end = state["step"] in (cfg["denoise_steps"], cfg["max_steps"])
+            if state["step"] % cfg["eval_interval"] == 0 or stage_end or out_of_time:
+                validate(model, stage, state, d, run, train_loss, t0, cfg, env)
+                save_checkpoint(run, model, optimizer, state, streams, env)
+                stop = stop_reason(state, out_of_time, cfg)
+                if stop:
+                    reason = stop
+                    break
+                # the evaluation's time is not the next step's
+                t_step = time.time()
 
-    # the best checkpoint restored: the model kept is the one at the best loss
-    runs.finish(run, model, state, reason)
-    save_checkpoint(run, model, optimizer, state, streams, env)
-    if env.master:
-        print_end(state, reason, cfg, t0)
-        if base:
-            runs.save_base(model, {**cfg, "dtype": dtype}, run, state, base_summary(d))
-    if env.ddp:
-        torch.distributed.destroy_process_group()
-    return model
+        # the best checkpoint restored: the model kept is the one at the best loss
+        runs.finish(run, model, state, reason)
+        save_checkpoint(run, model, optimizer, state, streams, env)
+        if env.master:
+            print_end(state, reason, cfg, t0)
+            if base:
+                runs.save_base(model, {**cfg, "dtype": dtype}, run, state, base_summary(d))
+        if env.ddp:
+            torch.distributed.destroy_process_group()
+        return model
 
 
 if __name__ == "__main__":

@@ -507,3 +507,23 @@ def test_a_missing_requests_file_is_one_line_that_says_what_to_give(tmp_path):
     with pytest.raises(ValueError, match=r"^--requests .*nothere.jsonl: no such file: give a JSON"):
         serve.main([str(tmp_path / "run")], tmp_path / "nothere.jsonl", tmp_path / "out.jsonl")
     assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_a_run_whose_delta_is_cut_short_is_refused_and_the_others_served(tmp_path):
+    """best.safetensors cut to half its bytes (a full disk, a kill): that run's requests get the
+    reason, naming the file; the other runs are served."""
+    tok, srcs = run_folders(tmp_path)
+    delta = tmp_path / "b-lldb" / "best.safetensors"
+    delta.write_bytes(delta.read_bytes()[: delta.stat().st_size // 2])
+    reqs = [
+        {"id": "cut", "run": "b-lldb", "src": srcs[1]},
+        {"id": "ok", "run": "a-lora", "src": srcs[2]},
+    ]
+    (tmp_path / "req.jsonl").write_text("".join(json.dumps(r) + "\n" for r in reqs))
+    runs_given = [str(tmp_path / "a-lora"), str(tmp_path / "b-lldb")]
+    serve.main(
+        runs_given, tmp_path / "req.jsonl", tmp_path / "out.jsonl", k=1, beams=2, max_new_tokens=4
+    )
+    lines = {x["id"]: x for x in map(json.loads, (tmp_path / "out.jsonl").read_text().splitlines())}
+    assert "best.safetensors: cut short or corrupt" in lines["cut"]["error"]
+    assert "error" not in lines["ok"] and len(lines["ok"]["tests"]) == 1

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from safetensors.torch import load_file
 
 import data
 import runs
+import strategies
 import train
 from data.batch import bucketed_batches
 from data.tokenizer import encode_pairs, load_tokenizer, train_tokenizer
@@ -395,7 +397,15 @@ def test_resume_with_another_setting_is_refused_and_a_cut_log_line_survived(
     test fold), and a log line cut short by a kill is dropped with a message; a corrupt line
     elsewhere is an error naming the line."""
     d, _ = workspace
-    kw = dict(name="r", strategy="lldb", max_steps=3, eval_interval=3, out_dir=tmp_path / "runs")
+    # warmup 9: max_steps may change on resume up to step 9 (runs.check_schedule)
+    kw = dict(
+        name="r",
+        strategy="lldb",
+        max_steps=3,
+        eval_interval=3,
+        warmup_steps=9,
+        out_dir=tmp_path / "runs",
+    )
     train.main(args(d, **kw))
     with pytest.raises(
         SystemExit, match=r"other settings \(fold: 0 -> 1\).*another --name, or delete"
@@ -405,7 +415,8 @@ def test_resume_with_another_setting_is_refused_and_a_cut_log_line_survived(
     lines = log.read_text().splitlines()
     # a kill in the middle of writing a line
     log.write_text("\n".join(lines) + "\n" + lines[-1][:25])
-    train.main(args(d, **{**kw, "max_steps": 6}))  # max_steps may change: the run goes on
+    # max_steps may change within the warmup: the run goes on
+    train.main(args(d, **{**kw, "max_steps": 6}))
     assert "dropping a partial last line" in capsys.readouterr().out
     assert [json.loads(x)["step"] for x in log.read_text().splitlines()] == [0, 3, 6]
     log.write_text("{broken\n" + log.read_text())
@@ -581,3 +592,147 @@ def test_command_line_errors_are_one_line(tmp_path, argv, message):
     )
     assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-1500:]
     assert re.search(message, p.stderr.strip().splitlines()[-1]), p.stderr[-500:]
+
+
+def cut_in_half(path):
+    data_ = path.read_bytes()
+    path.write_bytes(data_[: len(data_) // 2])
+    return data_
+
+
+def lldb_model(d):
+    """The fixture's base with lldb applied: what a run's best.safetensors loads onto."""
+    return strategies.apply(BART.from_pretrained(d / "base"), "lldb")
+
+
+def test_a_cut_checkpoint_is_one_line_naming_it(workspace, tmp_path):
+    """best.safetensors or last.pt cut to half its bytes (a full disk or a kill during an older
+    version's save): loading the delta and resuming are one line naming the file and saying that
+    the run must be retrained, not a traceback of the reader."""
+    d, _ = workspace
+    kw = dict(name="cut", strategy="lldb", max_steps=3, eval_interval=3, out_dir=tmp_path / "runs")
+    train.main(args(d, **kw))
+    run = tmp_path / "runs" / "cut"
+    whole = cut_in_half(run / "best.safetensors")
+    cut = (
+        r"best.safetensors: cut short or corrupt.*the run must be retrained: delete .*cut and rerun"
+    )
+    with pytest.raises(ValueError, match=cut):
+        runs.load_trainable(lldb_model(d), run / "best.safetensors")
+    with pytest.raises(ValueError, match=cut):
+        train.main(args(d, **kw))
+    (run / "best.safetensors").write_bytes(whole)
+    cut_in_half(run / "last.pt")
+    with pytest.raises(
+        SystemExit, match=r"last.pt: cut short or corrupt.*delete .*cut and rerun to retrain it"
+    ):
+        train.main(args(d, **kw))
+
+
+def test_a_full_disk_during_a_checkpoint_save(workspace, tmp_path, monkeypatch):
+    """A write that fails for want of space (ENOSPC, half the file written): one line naming the
+    file and what to do; the previous checkpoint is intact and no temporary file is left."""
+    import errno
+
+    import safetensors.torch
+
+    d, _ = workspace
+    kw = dict(
+        name="full",
+        strategy="lldb",
+        max_steps=3,
+        eval_interval=3,
+        warmup_steps=9,
+        out_dir=tmp_path / "runs",
+    )
+    train.main(args(d, **kw))
+    run = tmp_path / "runs" / "full"
+    last = (run / "last.pt").read_bytes()
+
+    def half_then_full(write):
+        def fake(obj, path, *a, **k):
+            write(obj, path, *a, **k)
+            cut_in_half(Path(path))
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        return fake
+
+    full = r": no space left on device: free space and rerun \(the run resumes from its last "
+    monkeypatch.setattr(torch, "save", half_then_full(torch.save))
+    with pytest.raises(SystemExit, match=r"last.pt" + full):
+        train.main(args(d, **{**kw, "max_steps": 6}))
+    assert (run / "last.pt").read_bytes() == last
+    # (the evaluation before it may have written a better best.safetensors, whole)
+    best = (run / "best.safetensors").read_bytes()
+    monkeypatch.setattr(safetensors.torch, "save_file", half_then_full(safetensors.torch.save_file))
+    with pytest.raises(SystemExit, match=r"best.safetensors" + full):
+        runs.save_trainable(lldb_model(d), run / "best.safetensors")
+    assert (run / "best.safetensors").read_bytes() == best
+    assert not [f for f in os.listdir(run) if f.startswith(".tmp-")]
+
+
+def test_a_failed_run_leaves_no_folder_it_made(workspace, tmp_path):
+    """A run that fails after the data loaded but before its first checkpoint (here: the base
+    cannot be loaded) removes the run folder this invocation made, and releases its lock (the
+    same name then trains); a folder that was there before keeps its files."""
+    d, _ = workspace
+    out = tmp_path / "runs"
+    kw = dict(strategy="lldb", max_steps=3, eval_interval=3, out_dir=out)
+    with pytest.raises(FileNotFoundError, match="no-base"):
+        train.main(args(d, **kw, name="made", base=tmp_path / "no-base"))
+    assert not (out / "made").exists()
+    train.main(args(d, **kw, name="made"))
+    assert (out / "made" / "last.pt").is_file()
+    # there before: an empty folder, and a run that refuses a late conflict (max_steps)
+    (out / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no-base"):
+        train.main(args(d, **kw, name="empty", base=tmp_path / "no-base"))
+    assert (out / "empty").is_dir()
+    files = sorted(os.listdir(out / "made"))
+    with pytest.raises(SystemExit, match="--max_steps=6"):
+        train.main(args(d, **{**kw, "max_steps": 6}, name="made"))
+    assert sorted(os.listdir(out / "made")) == files
+
+
+def test_a_resume_changes_max_steps_only_within_the_warmup(workspace, tmp_path):
+    """max_steps sets the cosine decay's length: a resume past the supervised warmup with another
+    max_steps would join two schedules, and is refused by name (config.json keeps the old
+    value); within the warmup every learning rate so far is the same, and the run goes on."""
+    d, _ = workspace
+    kw = dict(strategy="lldb", max_steps=3, eval_interval=3, out_dir=tmp_path / "runs")
+    train.main(args(d, **kw, name="past"))
+    with pytest.raises(
+        SystemExit,
+        match=r"^--max_steps=6: .*past is at step 3 of a learning-rate schedule for max_steps=3 "
+        r"\(its cosine decay after step 2\); .*keep --max_steps=3, or train a new run \(another",
+    ):
+        train.main(args(d, **{**kw, "max_steps": 6}, name="past"))
+    assert json.load(open(tmp_path / "runs" / "past" / "config.json"))["max_steps"] == 3
+    train.main(args(d, **kw, name="within", warmup_steps=5))
+    train.main(args(d, **{**kw, "max_steps": 5}, name="within", warmup_steps=5))
+    log = (tmp_path / "runs" / "within" / "log.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in log] == [0, 3, 5]
+
+
+def test_a_resume_keeps_the_dtype_auto_resolved_to(workspace, tmp_path, monkeypatch):
+    """--dtype=auto resolved to one dtype on the machine that started the run: on a machine where
+    it resolves to the other, the resume is refused naming both; --dtype=<the saved one> given
+    explicitly resumes it."""
+    d, _ = workspace
+    kw = dict(name="dt", strategy="lldb", max_steps=6, eval_interval=3, out_dir=tmp_path / "runs")
+    # stopped by the time limit after its first step: a rerun without it goes on
+    train.main(args(d, **kw, dtype="auto", max_minutes=1e-6))
+    config = tmp_path / "runs" / "dt" / "config.json"
+    saved = json.load(open(config))["resolved"]["dtype"]
+    other = {"bf16": "fp32", "fp32": "bf16"}[saved]
+    monkeypatch.setattr(train, "native_bf16", lambda cuda: other == "bf16")
+    with pytest.raises(
+        SystemExit,
+        match=rf"dt was trained in {saved} \(config.json: resolved.dtype\) but would resume in "
+        rf"{other} \(--dtype=auto on this machine\): pass --dtype={saved} to resume it",
+    ):
+        train.main(args(d, **kw, dtype="auto"))
+    train.main(args(d, **kw, dtype=saved))
+    assert json.load(open(config))["resolved"]["dtype"] == saved
+    log = (tmp_path / "runs" / "dt" / "log.jsonl").read_text().splitlines()
+    assert json.loads(log[-1])["step"] == 6

@@ -62,6 +62,8 @@ PRINT_MASKS = [
     (re.compile(r"(mfu|MFU)[^,;)\n]*"), "<mfu>"),
     (re.compile(r"(peak|pid)\s*[\d.,]+"), r"\1 <n>"),
     (re.compile(r"[\d.,]+ per second"), "<rate>"),
+    # where the killed run resumes depends on when the kill lands; its outputs do not
+    (re.compile(r"resumed (\S+) at step \d+ \(best val loss [\d.]+\)"), r"resumed \1 at step <n>"),
     (re.compile(r'"base_checksum": "[0-9a-f]+"'), '"base_checksum": <sha>'),
 ]
 
@@ -135,8 +137,8 @@ def kill_after_checkpoint(repo, argv, run_dir, log):
     deadline = time.time() + 300
     while proc.poll() is None and time.time() < deadline:
         # past its second evaluation: a checkpoint after some steps, so the rerun resumes mid-run
-        log = run_dir / "log.jsonl"
-        if log.exists() and len(log.read_text().splitlines()) >= 3:
+        log_file = run_dir / "log.jsonl"
+        if log_file.exists() and len(log_file.read_text().splitlines()) >= 3:
             os.kill(proc.pid, signal.SIGKILL)
             break
         time.sleep(0.05)
