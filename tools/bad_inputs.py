@@ -67,7 +67,7 @@ def cases(d):
         ("evaluate.py: a count below 1", ["evaluate.py", runs, "--beams", "0"]),
         ("evaluate.py --report: no scored run", ["evaluate.py", "--report", str(d / "ro")]),
         (
-            "evaluate.py generate: missing Java file",
+            "evaluate.py generate: missing run folder",
             ["evaluate.py", "generate", "--run", runs, "--java", f"{d}/no.java", "--method", "f"],
         ),
         (
@@ -110,12 +110,13 @@ def run_case(argv, d):
     env = dict(os.environ, PYTHONPATH=str(ROOT), CUDA_VISIBLE_DEVICES="")
     result = subprocess.run(
         [sys.executable, *argv],
-        cwd=d,
+        cwd=ROOT,
         env=env,
         capture_output=True,
         text=True,
         timeout=300,
     )
+    # run from the repository, as a user runs them (the shipped base is the default base)
     lines = (result.stderr.strip() or result.stdout.strip()).splitlines()
     last = lines[-1] if lines else ""
     traceback = "Traceback (most recent call last)" in result.stderr
@@ -128,7 +129,7 @@ def table(d):
     for label, argv in cases(d):
         argv = [str(ROOT / argv[0])] + argv[1:] if argv[0].endswith(".py") else argv
         code, last, traceback = run_case(argv, d)
-        last = last.replace(str(d), "<dir>").replace("|", "\\|")
+        last = last.replace(str(d), "<dir>").replace(str(ROOT) + "/", "").replace("|", "\\|")
         if len(last) > 200:
             last = last[:197] + "..."
         mark = ""
