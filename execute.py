@@ -982,8 +982,8 @@ def _readable(folder):
 
 def _work_root(project):
     """Where a run's sources and classes are written and removed: /dev/shm (tmpfs) where there
-    is one, else data/cache/exec/<project> (removing 10,000 files from an ext4 disk mounted with
-    `discard` took 14 s, from /dev/shm 0.2 s)."""
+    is one, else data/cache/exec/<project> (removing many small files is far faster from tmpfs;
+    docs/execution.md has the measurement)."""
     shm = Path("/dev/shm")
     if shm.is_dir() and os.access(shm, os.W_OK | os.X_OK):
         return shm
