@@ -565,10 +565,10 @@ def sha256_file(path):
     return h.hexdigest()
 
 
-def export_base(model, out_dir, training, tokenizer_path, log_path):
+def export_base(model, out_dir, training, tokenizer_path, log_text):
     """Write a self-contained base folder (docs/design.md, "Base checkpoint"): config.json and
     model.safetensors with the weights rounded to bf16 (half the bytes; customization loads them
-    back into fp32 master weights), the tokenizer it was trained with, its log.jsonl,
+    back into fp32 master weights), the tokenizer it was trained with, its log.jsonl (log_text),
     training.json (`training`, with the tokenizer named relative to the folder) and SHA256SUMS
     over every other file, which the loader checks (weights.verify_sha256sums). Built in a
     temporary folder next to out_dir and renamed into place: never half-written."""
@@ -582,7 +582,8 @@ def export_base(model, out_dir, training, tokenizer_path, log_path):
         folder = os.path.join(staging, "base")
         copy.deepcopy(model).to(torch.bfloat16).save_pretrained(folder)
         shutil.copyfile(tokenizer_path, os.path.join(folder, "tokenizer.json"))
-        shutil.copyfile(log_path, os.path.join(folder, "log.jsonl"))
+        with open(os.path.join(folder, "log.jsonl"), "w", encoding="utf-8") as f:
+            f.write(log_text)
         training = {**training, "tokenizer": "tokenizer.json", "weights_dtype": "bf16"}
         with open(os.path.join(folder, "training.json"), "w", encoding="utf-8") as f:
             json.dump(training, f, indent=2, allow_nan=False)
@@ -604,10 +605,11 @@ def export_base(model, out_dir, training, tokenizer_path, log_path):
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def base_training_record(cfg, state, summary):
+def base_training_record(cfg, state, summary, earlier=None):
     """training.json of a base trained here: what customization reads (CARRIED), the recipe
-    (every setting), the data, the dtype, the totals (steps, tokens, PF-s, time) and the machine,
-    as one stage of `stages`."""
+    (every setting), the data, the dtype and the machine as one stage of `stages`, after the
+    stages of the base it continued (`earlier`, that base's training.json; --init_base), and the
+    totals over every stage (steps, tokens, PF-s, time)."""
     stage = dict(
         settings={k: v for k, v in cfg.items() if k not in ("save_base",)},
         machine=machine(),
@@ -622,14 +624,60 @@ def base_training_record(cfg, state, summary):
         stopped=state.get("done"),
         **summary,
     )
-    totals = {k: stage[k] for k in ("steps", "tokens", "pf_s_exact", "pf_s_paper", "seconds")}
-    return {**{k: cfg[k] for k in CARRIED + RECORDED}, **totals, "stages": [stage]}
+    stages = (earlier["stages"] if earlier else []) + [stage]
+    totals = {
+        k: sum(s[k] for s in stages)
+        for k in ("steps", "tokens", "pf_s_exact", "pf_s_paper", "seconds")
+    }
+    return {**{k: cfg[k] for k in CARRIED + RECORDED}, **totals, "stages": stages}
 
 
-def save_base(model, cfg, run, state, summary):
-    """The base checkpoint of a base trained here (export_base), said."""
-    training = base_training_record(cfg, state, summary)
-    export_base(model, cfg["save_base"], training, cfg["tokenizer"], os.path.join(run, "log.jsonl"))
+def continued_base(cfg, given):
+    """--init_base: a base's next stage starts from a base folder (export_base's layout) with a
+    fresh optimizer. Returns (cfg with that base's CARRIED settings and preset, a differing value
+    given on the command line refused by name, and init_checksum; its training.json, whose
+    stages the new base lists first)."""
+    folder = str(cfg["init_base"])
+    path = os.path.join(folder, "training.json")
+    if not os.path.isfile(path):
+        raise SystemExit(
+            f"--init_base={folder}: no training.json; a base goes on from a folder written by "
+            f"`make base` or tools/ship_base.py (checkpoints/base/ is one)"
+        )
+    out = base_settings({**cfg, "base": folder}, given, {})
+    earlier = json.load(open(path, encoding="utf-8"))
+    if not earlier.get("stages") or "preset" not in earlier:
+        raise SystemExit(f"{path}: no stages or no preset: not a base folder of this repository")
+    if "preset" in given and cfg["preset"] != earlier["preset"]:
+        raise SystemExit(
+            f"--preset={cfg['preset']} differs from the base's preset={earlier['preset']} "
+            f"({path}): a base goes on in its own architecture; drop --preset"
+        )
+    out.update(base=cfg["base"], preset=earlier["preset"], init_checksum=out.pop("base_checksum"))
+    return out, earlier
+
+
+def stage_log(run_log, earlier_log, stage):
+    """The log.jsonl of a base that continued another: the earlier base's lines (each with its
+    base_stage, 1 where a line has none), then this run's lines, each with base_stage=`stage`."""
+    lines = read_log(earlier_log)
+    for line in lines:
+        line.setdefault("base_stage", 1)
+    lines += [{**line, "base_stage": stage} for line in read_log(run_log)]
+    return "".join(json.dumps(line, allow_nan=False) + "\n" for line in lines)
+
+
+def save_base(model, cfg, run, state, summary, earlier=None):
+    """The base checkpoint of a base trained here (export_base), said; after `earlier`'s stages
+    where it continued a base (--init_base)."""
+    training = base_training_record(cfg, state, summary, earlier)
+    log = os.path.join(run, "log.jsonl")
+    if earlier:
+        earlier_log = os.path.join(cfg["init_base"], "log.jsonl")
+        log_text = stage_log(log, earlier_log, len(training["stages"]))
+    else:
+        log_text = open(log, encoding="utf-8").read()
+    export_base(model, cfg["save_base"], training, cfg["tokenizer"], log_text)
     print(
         f"base model saved to {cfg['save_base']} ({training['pf_s_exact']:.3f} PF-s exact, "
         f"{training['steps']} steps)"

@@ -68,6 +68,9 @@ settings = dict(
     preset="tiny",  # base: the architecture (model.PRESETS)
     base="checkpoints/base",  # customize: the base model, an HF directory or a fairseq .pt
     save_base="checkpoints/base",  # base: where the best model is saved (HF layout + training.json)
+    # base: go on from this base folder (a next stage: fresh optimizer, its own warmup and decay,
+    # recorded after the folder's stages in the new training.json); "" = from scratch
+    init_base="",
     # math | sdpa | triton; auto = triton on GPU (sdpa if attention_dropout > 0), sdpa on CPU
     attn_impl="auto",
     strategy="lldb",  # custom | leo | lldb | prefix | lora
@@ -142,6 +145,12 @@ BASE_DEFAULTS = dict(
     eval_interval=250,
     patience=20,
 )
+# --mode=base --init_base=...: a next stage of a trained base replaces these (given ones win): no
+# denoising stage (denoise_every still mixes text infilling in), a short warmup to half the first
+# stage's peak, and a cosine decay of its own; the encoder trains from the first step
+CONTINUE_DEFAULTS = dict(
+    denoise_steps=0, warmup_steps=100, lr=2.5e-4, max_steps=2200, encoder_delay=0
+)
 # a base without training.json (real BART or AthenaTest weights): what AthenaTest read
 FOREIGN_BASE = dict(
     tokenizer=BASE_DEFAULTS["tokenizer"],
@@ -214,6 +223,11 @@ def parse_args(argv, defaults):
             f"focal_context must be one of {', '.join(data.FOCAL_CONTEXTS)}, "
             f"got {cfg['focal_context']!r}"
         )
+    if cfg["mode"] == "customize" and cfg["init_base"]:
+        raise SystemExit(
+            f"--init_base={cfg['init_base']} is for --mode=base (a base's next stage); a "
+            f"customization starts from --base"
+        )
     if cfg["mode"] == "customize" and (cfg["denoise_steps"] or cfg["denoise_every"]):
         raise SystemExit(
             "denoising is part of the base (--mode=base); a customization is supervised only"
@@ -241,6 +255,8 @@ def parse_args(argv, defaults):
             cfg["name"] = f"{project}-{cfg['strategy']}-f{cfg['fold']}"
     if cfg["mode"] == "base":
         cfg.update({k: v for k, v in BASE_DEFAULTS.items() if k not in given})
+        if cfg["init_base"]:
+            cfg.update({k: v for k, v in CONTINUE_DEFAULTS.items() if k not in given})
         if cfg["denoise_steps"] >= cfg["max_steps"]:
             raise SystemExit(
                 f"denoise_steps={cfg['denoise_steps']} leaves no supervised step of max_steps="
@@ -543,13 +559,13 @@ def build_model(cfg, tok, options, d, env):
     """The model on env.device: the preset from scratch (base), or the base checkpoint with the
     strategy applied (customize); this run's dropout replaces the checkpoint's."""
     vocab_size = tok.get_vocab_size()
-    if cfg["mode"] == "base":
+    if cfg["mode"] == "base" and not cfg["init_base"]:
         config = config_from_preset(cfg["preset"], vocab_size=vocab_size, attn_impl=env.attn_impl)
         model = BART(config)
     else:
-        model = BART.from_pretrained(
-            cfg["base"], attn_impl=env.attn_impl, expect_vocab_size=vocab_size
-        )
+        # a customization's base, or the base a base's next stage goes on from
+        start = cfg["init_base"] or cfg["base"]
+        model = BART.from_pretrained(start, attn_impl=env.attn_impl, expect_vocab_size=vocab_size)
         if env.master and model.config.attention_dropout != cfg["attention_dropout"]:
             print(
                 f"attention_dropout: the checkpoint's {model.config.attention_dropout} replaced "
@@ -846,9 +862,13 @@ def base_summary(d):
 def main(argv):
     cfg, given = parse_args(argv, settings)
     base = cfg["mode"] == "base"
+    # a base's next stage: the training.json of the base it goes on from (else None)
+    earlier = None
     if base:
         # now, not after hours of training
         runs.check_save_base(cfg["save_base"])
+        if cfg["init_base"]:
+            cfg, earlier = runs.continued_base(cfg, given)
     else:
         # what the base learned with, and its checksum (a resume onto another is refused)
         cfg = runs.base_settings(cfg, given, FOREIGN_BASE)
@@ -937,7 +957,8 @@ def main(argv):
         if env.master:
             print_end(state, reason, cfg, t0)
             if base:
-                runs.save_base(model, {**cfg, "dtype": dtype}, run, state, base_summary(d))
+                saved = {**cfg, "dtype": dtype}
+                runs.save_base(model, saved, run, state, base_summary(d), earlier)
         if env.ddp:
             torch.distributed.destroy_process_group()
         return model

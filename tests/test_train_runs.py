@@ -5,6 +5,7 @@ dropout with the Triton kernel is a printed choice; the base's two stages (and a
 word dropout on its pair steps only, and the training.json it carries. Run: `make test`."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -512,6 +513,50 @@ def test_base_two_stages_and_training_json(workspace, tmp_path, capsys):
     train.main(args(d, **kw))
     saved = json.load(open(tmp_path / "runs" / "c" / "config.json"))
     assert (saved["focal_context"], saved["max_src_len"], saved["max_tgt_len"]) == ("fm", 40, 48)
+
+
+def test_a_base_goes_on_from_a_base_folder_as_a_next_stage(workspace, tmp_path):
+    """--init_base: the next stage starts from the folder's weights (its first validation loss
+    is the folder's last, to bf16 rounding, not a fresh model's), with the folder's tokenizer and
+    lengths; the new training.json lists both stages with totals that are their sums, and the new
+    log.jsonl both stages' lines, each with its base_stage. A conflicting preset, a folder without
+    training.json, and --init_base in a customization are refused by name."""
+    d, tok = workspace
+    with open(tmp_path / "big.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records(n_classes=25, per_class=2))
+    common = dict(mode="base", base_projects=tmp_path / "big.jsonl", out_dir=tmp_path / "runs")
+    stage1 = dict(common, name="s1", save_base=tmp_path / "one", denoise_steps=2, max_steps=8)
+    train.main(args(d, **stage1, focal_context="fm", max_src_len=40, max_tgt_len=48))
+    first = json.load(open(tmp_path / "one" / "training.json"))
+    # lr 1e-9: the weights barely move, so stage 2's first loss is stage 1's kept model's
+    stage2 = dict(common, name="s2", save_base=tmp_path / "two", init_base=tmp_path / "one")
+    train.main(args(d, **stage2, lr=1e-9, max_steps=3, eval_interval=3, denoise_every=2))
+    trained = json.load(open(tmp_path / "two" / "training.json"))
+    assert [s["settings"]["name"] for s in trained["stages"]] == ["s1", "s2"]
+    assert trained["stages"][0] == first["stages"][0]
+    for k in ("steps", "tokens", "pf_s_exact", "pf_s_paper", "seconds"):
+        assert trained[k] == pytest.approx(first[k] + trained["stages"][1][k], rel=1e-12)
+    settings = trained["stages"][1]["settings"]
+    assert (settings["focal_context"], settings["max_src_len"], settings["denoise_steps"]) == (
+        "fm",
+        40,
+        0,
+    )
+    assert settings["init_checksum"] == runs.checksum(tmp_path / "one")
+    assert (tmp_path / "two" / "tokenizer.json").read_bytes() == (d / "tokenizer.json").read_bytes()
+    log = [json.loads(x) for x in open(tmp_path / "two" / "log.jsonl")]
+    one = [json.loads(x) for x in open(tmp_path / "one" / "log.jsonl")]
+    assert [x["base_stage"] for x in log] == [1] * len(one) + [2]
+    assert [{k: v for k, v in x.items() if k != "base_stage"} for x in log[: len(one)]] == one
+    assert log[-1]["val_loss"] == pytest.approx(first["stages"][0]["best_val_loss"], abs=0.05)
+    assert log[-1]["val_loss"] < 0.8 * math.log(tok.get_vocab_size())
+    with pytest.raises(SystemExit, match=r"--preset=small differs from the base's preset=tiny"):
+        train.main(args(d, **dict(stage2, name="s3", preset="small")))
+    with pytest.raises(SystemExit, match=r"--init_base=.*: no training.json; a base goes on"):
+        train.main(args(d, **dict(stage2, name="s4", init_base=d / "base")))
+    with pytest.raises(SystemExit, match=r"--init_base=.* is for --mode=base"):
+        train.main(args(d, name="s5", init_base=tmp_path / "one"))
+    assert not (tmp_path / "runs" / "s3").exists() and not (tmp_path / "runs" / "s4").exists()
 
 
 def test_word_dropout_masks_what_the_decoder_reads_in_pair_steps_only(

@@ -66,7 +66,8 @@ def main(argv=None):
     training = runs.base_training_record(cfg, state, summary)
     if a.commit:
         training["stages"][0]["commit"] = a.commit
-    runs.export_base(model, a.out, training, cfg["tokenizer"], os.path.join(a.run, "log.jsonl"))
+    log_text = open(os.path.join(a.run, "log.jsonl"), encoding="utf-8").read()
+    runs.export_base(model, a.out, training, cfg["tokenizer"], log_text)
     print(
         f"{a.out}: {training['pf_s_exact']:.3f} PF-s exact over {len(training['stages'])} stage(s), "
         f"{training['steps']} steps, {training['seconds'] / 60:.1f} minutes"
