@@ -16,7 +16,7 @@ NEW_BASE  ?= checkpoints/base-new# where make base trains a base from scratch wi
 PNAME     = $(notdir $(abspath $(or $(1),$(PROJECT))))# the project's name ($(call PNAME,P): P's)
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: help setup lint test bench data base train smoke experiment flops gpu-check report
+.PHONY: help setup lint test bench data base base-next train smoke experiment flops gpu-check report
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 setup:  ## create .venv/ and install the pinned runtime and test dependencies
@@ -42,6 +42,9 @@ $(NEW_BASE)/config.json: $(TOKENIZER)
 	$(PY) train.py --mode=base "--base_projects=$(strip $(BASE_PROJECTS))" --save_base=$(NEW_BASE) $(BASE_ARGS)
 base:  ## train a base from scratch with the shipped base's recipe -> checkpoints/base-new (hours on 2 cores)
 base: $(NEW_BASE)/config.json
+FROM      ?= checkpoints/base# the base folder make base-next goes on from
+base-next: $(BASE_PROJECTS:%=$(CORPUS)/%.jsonl)  ## a next stage of the base FROM (fresh optimizer, its own schedule: train.py CONTINUE_DEFAULTS) -> NEW_BASE
+	$(PY) train.py --mode=base --init_base=$(FROM) --name=base-next "--base_projects=$(strip $(BASE_PROJECTS))" --save_base=$(NEW_BASE) $(BASE_ARGS)
 checkpoints/base/config.json:
 	@echo "the shipped base checkpoints/base/ is missing: restore it with 'git checkout -- checkpoints/base'"; exit 1
 

@@ -55,14 +55,19 @@ def test_training_json_is_what_the_loader_expects():
         and model.num_parameters() == BART(preset).num_parameters()
     )
     assert trained["preset"] in PRESETS and trained["weights_dtype"] == "bf16"
-    # the totals are the stages' sums, and the last stage's PF-s is its log's last line
+    # the totals are the stages' sums; each stage's PF-s and steps are its last log line's, and
+    # its kept step the one of its lowest supervised validation loss
+    stages = trained["stages"]
     for k in ("steps", "tokens", "pf_s_exact", "pf_s_paper"):
-        assert trained[k] == pytest.approx(sum(s[k] for s in trained["stages"]), rel=1e-12)
+        assert trained[k] == pytest.approx(sum(s[k] for s in stages), rel=1e-12)
     log = [json.loads(line) for line in (SHIPPED / "log.jsonl").read_text().splitlines()]
-    assert log[-1]["pf_s_exact"] == pytest.approx(trained["stages"][-1]["pf_s_exact"], rel=1e-12)
-    assert log[-1]["step"] == trained["stages"][-1]["steps"]
-    best = min((x for x in log if x["stage"] == "supervised"), key=lambda x: x["val_loss"])
-    assert best["step"] == trained["stages"][-1]["best_step"]
+    assert {x.get("base_stage", 1) for x in log} == set(range(1, len(stages) + 1))
+    for n, stage in enumerate(stages, 1):
+        lines = [x for x in log if x.get("base_stage", 1) == n]
+        assert lines[-1]["pf_s_exact"] == pytest.approx(stage["pf_s_exact"], rel=1e-12)
+        assert lines[-1]["step"] == stage["steps"]
+        supervised = [x for x in lines if x["stage"] == "supervised"]
+        assert min(supervised, key=lambda x: x["val_loss"])["step"] == stage["best_step"]
 
 
 def test_reads_its_input_on_java_it_never_saw(tmp_path):
