@@ -629,7 +629,8 @@ def base_training_record(cfg, state, summary, earlier=None):
         k: sum(s[k] for s in stages)
         for k in ("steps", "tokens", "pf_s_exact", "pf_s_paper", "seconds")
     }
-    return {**{k: cfg[k] for k in CARRIED + RECORDED}, **totals, "stages": stages}
+    notes = {"notes": earlier["notes"]} if earlier and earlier.get("notes") else {}
+    return {**{k: cfg[k] for k in CARRIED + RECORDED}, **totals, "stages": stages, **notes}
 
 
 def continued_base(cfg, given):
