@@ -175,8 +175,8 @@ def model_metrics(rows, name, k=K):
     ppl, ppl_mean = perplexity([r[name]["nll"] for r in rows], ntok)
     other = perplexity([r[name]["nll_other_source"] for r in rows], ntok)[0]
     empty = perplexity([r[name]["nll_empty_source"] for r in rows], ntok)[0]
-    # unfinished@1: the share of top-1 outputs that ran to the length limit without </s> (a looping
-    # or cut test); None for predictions written before it was recorded
+    # unfinished@1: the share of top-1 outputs that ran to the length limit without </s> before it
+    # (a looping or cut test; score_model); None for predictions written before it was recorded
     finished = [r[name].get("finished") for r in rows]
     unfinished = None if None in finished else float(np.mean([not f[0] for f in finished]))
     return {
@@ -220,18 +220,25 @@ def beam_search(model, src, k=K, beams=5, max_new_tokens=256, batch_size=16, dev
 
 # --- a run on one fold: both models scored, the base once per fold and decoding (runs.cached)
 # ---------------
-def score_model(model, tok, src, tgt, partner, k, beams, max_new_tokens, batch_size, device):
+def score_model(
+    model, tok, src, tgt, partner, k, beams, max_new_tokens, max_tgt_len, batch_size, device
+):
     """One model on one fold: per example its k beams with scores, and its target NLL with its
-    own source, with another focal class's source (partner) and with an empty source <s></s>."""
+    own source, with another focal class's source (partner) and with an empty source <s></s>.
+    A beam is finished when it writes </s> before the training targets' length limit
+    (max_tgt_len)."""
     t0 = time.time()
     other_src = [src[j] for j in partner]
     own, other, empty = source_nll(model, src, tgt, other_src, batch_size, device)
     beam = beam_search(model, src, k, beams, max_new_tokens, batch_size, device)
     out = []
     for (s, n), (so, _), (se, _), (seqs, scores) in zip(own, other, empty, beam):
-        # a beam that never wrote </s> ran to max_new_tokens: an unfinished test (seq[0] is the
-        # start token, </s>)
-        finished = [EOS in seq[1:] for seq in seqs]
+        # unfinished: a beam that wrote no </s> before index max_tgt_len - 1 (seq[0] is the start
+        # token, </s>; seq[i] the i-th label). A training target has at most max_tgt_len - 1
+        # labels, so a </s> at that index is where a cut target ended in training, not where the
+        # test closed (a base trained on targets cut with </s> learned to write one there), and a
+        # beam with no </s> ran to max_new_tokens
+        finished = [EOS in seq[1 : max_tgt_len - 1] for seq in seqs]
         out.append(
             {
                 "predictions": tok.decode_batch(seqs),
@@ -275,10 +282,24 @@ def score_both(run, cfg, test, decoding, batch_size, device):
     rows = [{"id": r["id"], "reference": r["tgt"]} for r in test]
 
     def score(m):
-        return score_model(m, tok, src, tgt, partner, k, beams, max_new_tokens, batch_size, device)
+        return score_model(
+            m,
+            tok,
+            src,
+            tgt,
+            partner,
+            k,
+            beams,
+            max_new_tokens,
+            cfg["max_tgt_len"],
+            batch_size,
+            device,
+        )
 
     base, cust = runs.load_models(run, cfg, tok.get_vocab_size(), device)
     cache_key = [
+        # how `finished` is judged (score_model): a base scored under the earlier rule is scored again
+        f"finished: </s> before index {cfg['max_tgt_len'] - 1}",
         runs.checksum(cfg["base"]),
         runs.checksum(cfg["tokenizer"]),
         decoding,

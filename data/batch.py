@@ -2,7 +2,8 @@
 into tensors, and the one statement of how a target is laid out for the decoder.
 
 The target convention (fairseq's translation task, with which AthenaTest was trained): a target is
-encoded `<s> t1..tn </s>` (data.tokenizer.encode_pairs); the labels drop the `<s>`, `t1..tn </s>`
+encoded `<s> t1..tn </s>` (data.tokenizer.encode_pairs; a target cut at the maximum length has no
+`</s>`, `<s> t1..tn`); the labels drop the `<s>`, `t1..tn </s>`
 (`labels`); the decoder reads the start token and then the labels but the last, `</s> t1..tn`
 (`decoder_inputs`: `[start] + y[:-1]`, where `start` is `</s>`, BART's decoder start token).
 

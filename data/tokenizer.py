@@ -15,8 +15,11 @@ API (what train.py / evaluate.py call):
     tok = load_tokenizer(path)
     src, tgt, n_trunc = encode_pairs(tok, records, max_src=512, max_tgt=512)   # lists of id lists
     text = tok.decode(ids)         # special tokens dropped
-Every sequence is wrapped as <s> ... </s>; a longer one is cut to the maximum and still ends in
-</s>. `n_trunc` counts the pairs where either side was cut.
+Every sequence is wrapped as <s> ... </s>. A longer source is cut to the maximum and still ends in
+</s> (the encoder always reads a closed input); a longer target is cut to the maximum *without*
+</s>: a test cut at the limit has not ended, and a `</s>` there would teach the decoder to stop at
+that position whatever it is writing (the shipped base learned exactly that: docs/results.md).
+`n_trunc` counts the pairs where either side was cut.
 """
 
 import argparse
@@ -103,18 +106,18 @@ def load_tokenizer(path):
     return check_mask(_pipeline(tok), path)
 
 
-def _cut(ids, n):
-    # keep </s>: the model learns where to stop
+def _cut_source(ids, n):
+    """A source longer than n: its first n - 1 ids and </s>."""
     return ids if len(ids) <= n else ids[: n - 1] + [EOS]
 
 
 def encode_pairs(tok, records, max_src=1024, max_tgt=1024, src_key="src", tgt_key="tgt"):
     """(src id lists, tgt id lists, number of pairs with either side truncated). Order of
-    `records` kept."""
+    `records` kept. A cut source ends in </s>; a cut target is its first max_tgt ids, no </s>."""
     src = [e.ids for e in tok.encode_batch([r[src_key] for r in records])]
     tgt = [e.ids for e in tok.encode_batch([r[tgt_key] for r in records])]
     n_trunc = sum(len(s) > max_src or len(t) > max_tgt for s, t in zip(src, tgt))
-    return [_cut(s, max_src) for s in src], [_cut(t, max_tgt) for t in tgt], n_trunc
+    return [_cut_source(s, max_src) for s in src], [t[:max_tgt] for t in tgt], n_trunc
 
 
 def corpus_texts(records):

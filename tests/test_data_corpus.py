@@ -102,6 +102,13 @@ def test_encode_pairs_truncation(tok, rules_records):
     assert [s[: limit - 1] for s in src if len(s) > limit] == [
         s[:-1] for s, o in zip(cut_src, src) if len(o) > limit
     ]
+    # a cut target is its first max_tgt ids with no </s>: a test cut at the limit has not ended
+    # (a </s> there teaches the decoder to stop at that position); an uncut one keeps its </s>
+    limit = sorted(len(t) for t in tgt)[4]
+    _, cut_tgt, n = encode_pairs(tok, rules_records, max_src=10**6, max_tgt=limit)
+    assert n == sum(len(t) > limit for t in tgt) and n >= 1
+    assert cut_tgt == [t[:limit] for t in tgt]
+    assert [t[-1] == 2 for t in cut_tgt] == [len(t) <= limit for t in tgt]
 
 
 def test_load_tokenizer_json_and_bart_files(tok, tmp_path):

@@ -467,3 +467,19 @@ def test_score_run_rescore_report_and_generate(tmp_path, capsys, monkeypatch):
     (run / "config.json").write_text(json.dumps({**cfg, "base_checksum": "0" * 64}))
     with pytest.raises(SystemExit, match=r"is not the base .* was trained on"):
         ev.score_run(run, limit=4, beams=3, max_new_tokens=6, batch_size=3)
+
+
+def test_a_beam_that_ends_only_at_the_training_length_limit_is_unfinished(monkeypatch):
+    """score_model's `finished`: </s> before index max_tgt_len - 1 (seq[0] is the start token).
+    A </s> at that index is where a cut training target ended (a base trained on targets cut with
+    </s> writes one there after looping), not a closed test; no </s> at all ran to the limit."""
+    seqs = [[2, 5, 6, 2, 1], [2, 5, 6, 7, 2], [2, 5, 6, 7, 8]]
+    monkeypatch.setattr(ev, "source_nll", lambda *a: ([(1.0, 3)], [(2.0, 3)], [(3.0, 3)]))
+    monkeypatch.setattr(ev, "beam_search", lambda *a: [(seqs, [-0.1, -0.2, -0.3])])
+
+    class Tok:
+        def decode_batch(self, ids):
+            return [" ".join(map(str, s)) for s in ids]
+
+    out = ev.score_model(None, Tok(), [[0, 9, 2]], [[5, 2]], [0], 3, 3, 8, 5, 1, "cpu")
+    assert out[0]["finished"] == [True, False, False]
