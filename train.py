@@ -5,6 +5,7 @@ step accounted in PF-s (§3.4, Figure 4).
 
     make base                        # the shipped base's recipe, from scratch
                                      # -> checkpoints/base-new
+    make base-next FROM=checkpoints/base  # a base's next stage (--init_base): CONTINUE_DEFAULTS
     make train STRATEGY=lldb [PROJECT=commons-io] [FOLD=0]  # customize, then score (evaluate.py)
     python train.py --mode=customize --strategy=prefix --project=commons-io --fold=1 --lr=1e-3
     torchrun --nproc_per_node=2 train.py --mode=base             # data parallel (base training)
@@ -12,7 +13,9 @@ step accounted in PF-s (§3.4, Figure 4).
 The base is trained as AthenaTest was (Tufano et al. 2020): first `denoise_steps` of BART text
 infilling on the base projects' Java (data/denoise.py), then the supervised stage on their
 focal-method/test pairs, from the denoised weights, with every `denoise_every`-th step a denoising
-batch still (the recipe: BASE_DEFAULTS; what was tried: README, "The base model"). Every evaluation
+batch still (the recipe: BASE_DEFAULTS; what was tried: docs/experiments.md). A trained base goes on
+from its own folder as a next stage with a fresh optimizer (--init_base), recorded after its earlier
+stages in training.json. Every evaluation
 logs `source_gain`, the perplexity of the validation targets with another focal class's source over
 the perplexity with their own: 1.0 means the model ignores its input (docs/source-gain.md).
 

@@ -18,7 +18,7 @@ API (what train.py / evaluate.py call):
 Every sequence is wrapped as <s> ... </s>. A longer source is cut to the maximum and still ends in
 </s> (the encoder always reads a closed input); a longer target is cut to the maximum *without*
 </s>: a test cut at the limit has not ended, and a `</s>` there would teach the decoder to stop at
-that position whatever it is writing (the shipped base learned exactly that: docs/results.md).
+that position whatever it is writing (the shipped base learned exactly that: docs/experiments.md).
 `n_trunc` counts the pairs where either side was cut.
 """
 
