@@ -195,6 +195,14 @@ def disk_full(e, path):
     return "file write failed" in str(e) and shutil.disk_usage(folder).free < 1 << 20
 
 
+def out_of_space(path):
+    """The one-line error of a write that found the disk full (disk_full)."""
+    return SystemExit(
+        f"{path}: no space left on device: free space and rerun (the run resumes from its "
+        f"last checkpoint)"
+    )
+
+
 def write_file(path, content):
     """data.atomic_write, with a full disk said in one line naming the file: the file keeps its
     previous version and atomic_write removes its temporary file, so the run resumes from its
@@ -204,10 +212,7 @@ def write_file(path, content):
     except Exception as e:
         if not disk_full(e, path):
             raise
-        raise SystemExit(
-            f"{path}: no space left on device: free space and rerun (the run resumes from its "
-            f"last checkpoint)"
-        ) from None
+        raise out_of_space(path) from None
 
 
 def saved_config(run):
@@ -398,10 +403,7 @@ def log_evaluation(run, state, stage, train_loss, check, better):
         if not disk_full(e, path):
             raise
         # a line cut short is dropped on resume (read_log)
-        raise SystemExit(
-            f"{path}: no space left on device: free space and rerun (the run resumes from its "
-            f"last checkpoint)"
-        ) from None
+        raise out_of_space(path) from None
     print(
         f"step {state['step']} ({stage}): val loss {check['val_loss']:.4f}{' (best)' if better else ''} | "
         + (f"denoise_gain {check['denoise_gain']:.2f} | " if stage == "denoise" else "")

@@ -714,6 +714,18 @@ def test_a_full_disk_during_a_checkpoint_save(workspace, tmp_path, monkeypatch):
         runs.save_trainable(lldb_model(d), run / "best.safetensors")
     assert (run / "best.safetensors").read_bytes() == best
     assert not [f for f in os.listdir(run) if f.startswith(".tmp-")]
+    # log.jsonl is appended, not replaced: a full disk there is said the same way
+    monkeypatch.undo()
+
+    def no_room_for_log(path, mode="r", *a, **k):
+        if str(path).endswith("log.jsonl") and mode == "a":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return open(path, mode, *a, **k)
+
+    monkeypatch.setattr(runs, "open", no_room_for_log, raising=False)
+    with pytest.raises(SystemExit, match=r"log.jsonl" + full):
+        train.main(args(d, **{**kw, "max_steps": 6}))
+    assert (run / "last.pt").read_bytes() == last
 
 
 def test_a_failed_run_leaves_no_folder_it_made(workspace, tmp_path):
